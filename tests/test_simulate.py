@@ -1,0 +1,194 @@
+"""The simulator: outputs, determinism, and the scientific premise of xeno-learning."""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xeno_jax import simulate
+from xeno_jax.labels import ICG_LABELS, SPECIES_12
+from xeno_jax.spectra import l1_normalize
+
+HEIGHT, WIDTH = 96, 128  # the statistical tests (one compiled batch shape)
+SMALL = dict(height=40, width=48)  # every other test (one compiled image shape)
+BATCH = 8
+ORGANS = np.arange(1, 12)
+ORGAN_NAMES = [SPECIES_12.index_to_name(i) for i in ORGANS]
+KIDNEY = SPECIES_12.name_to_index("kidney")
+SPECIES = ("human", "pig", "rat")
+
+
+@functools.cache
+def simulate_set(species, state, seed, foci, n):
+    """n images (L1 spectra, labels); image i has focus foci[i % len(foci)] and is the same
+    scene for every state given the same seed (the state is the only difference)."""
+    rng = np.random.default_rng(seed)
+    specs = [simulate.make_spec(species, subject=int(rng.integers(0, 20)), state=state,
+                                severity=float(rng.uniform(0.5, 1.0)),
+                                minutes=float(rng.uniform(0.5, 8.0)), icg_dose_mg_kg=0.35,
+                                focus=foci[i % len(foci)]) for i in range(n)]
+    keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(n)]
+    features, labels = [], []
+    for start in range(0, n, BATCH):  # fixed batch size: one compilation
+        chunk = list(range(start, start + BATCH))
+        out = simulate.generate_batch(
+            jnp.stack([keys[i % n] for i in chunk]),
+            simulate.stack_specs([specs[i % n] for i in chunk]), height=HEIGHT, width=WIDTH)
+        features.append(np.asarray(l1_normalize(out["cube"])))
+        labels.append(np.asarray(out["labels"]))
+    return np.concatenate(features)[:n], np.concatenate(labels)[:n]
+
+
+def centroids(features, labels):
+    return np.stack([features[labels == o].mean(0) for o in ORGANS])
+
+
+def classify(centres, spectra):
+    distances = ((spectra[:, None, :] - centres[None]) ** 2).sum(-1)
+    return ORGANS[np.argmin(distances, axis=1)]
+
+
+def balanced_accuracy(centres, features, labels):
+    """Mean per-organ recall of a nearest-centroid classifier over organ pixels."""
+    mask = np.isin(labels, ORGANS)
+    truth = labels[mask]
+    predicted = classify(centres, features[mask])
+    return np.mean([np.mean(predicted[truth == o] == o) for o in ORGANS if np.any(truth == o)])
+
+
+def cosine(a, b):
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_outputs_have_the_documented_shapes_and_ranges():
+    out = simulate.generate(jax.random.key(0), simulate.make_spec("human", focus="kidney"),
+                            **SMALL)
+    assert out["cube"].shape == (40, 48, 100) and out["cube"].dtype == jnp.float32
+    assert out["labels"].shape == (40, 48) and out["labels"].dtype == jnp.int32
+    labels = np.asarray(out["labels"])
+    assert labels.min() >= 0 and labels.max() <= SPECIES_12.invalid_index
+    np.testing.assert_array_equal(out["valid"], labels != SPECIES_12.invalid_index)
+    assert np.isfinite(np.asarray(out["cube"])).all()
+    for name in ("saturation", "blood_volume", "water", "fat", "icg_molar"):
+        assert out[name].shape == (40, 48)
+    saturation = np.asarray(out["saturation"])
+    assert ((saturation >= 0) & (saturation <= 1)).all()
+    assert np.any(labels == KIDNEY), "the focus organ is always present"
+    assert {"species_id", "subject", "state", "severity", "minutes"} <= set(out["metadata"])
+
+
+def test_same_key_same_output_and_subjects_differ():
+    spec0 = simulate.make_spec("pig", subject=0, focus="liver")
+    spec1 = simulate.make_spec("pig", subject=1, focus="liver")
+    a = simulate.generate(jax.random.key(3), spec0, **SMALL)
+    b = simulate.generate(jax.random.key(3), spec0, **SMALL)
+    c = simulate.generate(jax.random.key(3), spec1, **SMALL)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    np.testing.assert_array_equal(a["labels"], c["labels"])  # the scene comes from the key
+    assert not np.allclose(a["cube"], c["cube"])  # the physiology from the subject
+    assert a["metadata"]["hemoglobin_g_l"] != c["metadata"]["hemoglobin_g_l"]
+
+
+def test_images_of_one_subject_share_subject_effects():
+    spec = simulate.make_spec("rat", subject=4)
+    hb = [float(simulate.generate(jax.random.key(k), spec, **SMALL)
+                ["metadata"]["hemoglobin_g_l"]) for k in range(2)]
+    assert hb[0] == hb[1]
+
+
+def test_batched_generation_equals_single():
+    specs = [simulate.make_spec(s, subject=i) for i, s in enumerate(SPECIES)]
+    keys = jnp.stack([jax.random.key(i) for i in range(3)])
+    batch = simulate.generate_batch(keys, simulate.stack_specs(specs), **SMALL)
+    for i, spec in enumerate(specs):
+        single = simulate.generate(keys[i], spec, **SMALL)
+        # Float differences of the batched matmul may round to a neighbouring sensor count.
+        np.testing.assert_allclose(batch["cube"][i], single["cube"], atol=3e-3)
+        np.testing.assert_array_equal(batch["labels"][i], single["labels"])
+
+
+def test_states_act_where_and_how_they_should():
+    key = jax.random.key(5)
+    kw = dict(**SMALL)
+    phys = simulate.generate(key, simulate.make_spec("pig", focus="kidney"), **kw)
+    ischemic = simulate.generate(
+        key, simulate.make_spec("pig", state="malperfusion", severity=1.0, focus="kidney"), **kw)
+    icg = simulate.generate(key, simulate.make_spec("pig", state="icg", minutes=1.0,
+                                                    focus="kidney"), **kw)
+    kidney = np.asarray(phys["labels"]) == KIDNEY
+    other_tissue = np.isin(np.asarray(phys["labels"]), ORGANS) & ~kidney
+    sat_phys, sat_isch = np.asarray(phys["saturation"]), np.asarray(ischemic["saturation"])
+    assert sat_isch[kidney].mean() < sat_phys[kidney].mean() - 0.3
+    np.testing.assert_array_equal(sat_isch[other_tissue], sat_phys[other_tissue])
+    assert np.all(np.asarray(icg["icg_molar"])[kidney | other_tissue] > 0)
+    assert np.all(np.asarray(phys["icg_molar"]) == 0)
+
+
+def test_make_spec_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown species"):
+        simulate.make_spec("dog")
+    with pytest.raises(ValueError, match="unknown perfusion state"):
+        simulate.make_spec("pig", state="ischemic")
+    with pytest.raises(ValueError, match="focus"):
+        simulate.make_spec("pig", focus="heart")
+    with pytest.raises(ValueError, match="severity"):
+        simulate.make_spec("pig", severity=1.5)
+
+
+@pytest.mark.parametrize("train, test", list(itertools.permutations(SPECIES, 2)))
+def test_species_differ(train, test):
+    """An organ classifier trained on one species loses >= 20 points on another."""
+    foci = tuple(ORGAN_NAMES)
+    centres = centroids(*simulate_set(train, "physiological", 1, foci, 22))
+    same = balanced_accuracy(centres, *simulate_set(train, "physiological", 2, foci, 22))
+    other = balanced_accuracy(centres, *simulate_set(test, "physiological", 2, foci, 22))
+    assert same - other >= 0.20, (same, other)
+
+
+@pytest.mark.parametrize("species", SPECIES)
+def test_pathology_matters(species):
+    """The physiological classifier misclassifies >= 30% of malperfused kidney pixels."""
+    foci = tuple(ORGAN_NAMES)
+    centres = centroids(*simulate_set(species, "physiological", 1, foci, 22))
+    features, labels = simulate_set(species, "malperfusion", 3, ("kidney",), 8)
+    predicted = classify(centres, features[labels == KIDNEY])
+    assert np.mean(predicted != KIDNEY) >= 0.30
+
+
+def _mean_change(species, state, organ, foci, n):
+    """Mean L1 change of an organ's pixels between a state and the same scenes physiological."""
+    sick, labels = simulate_set(species, state, 7, foci, n)
+    healthy, same_labels = simulate_set(species, "physiological", 7, foci, n)
+    np.testing.assert_array_equal(labels, same_labels)
+    mask = labels == SPECIES_12.name_to_index(organ)
+    return (sick[mask] - healthy[mask]).mean(0)
+
+
+@pytest.mark.parametrize("a, b", list(itertools.combinations(SPECIES, 2)))
+def test_malperfusion_changes_are_comparable_not_identical(a, b):
+    similarity = cosine(_mean_change(a, "malperfusion", "kidney", ("kidney",), 8),
+                        _mean_change(b, "malperfusion", "kidney", ("kidney",), 8))
+    assert 0.8 <= similarity < 0.995
+
+
+@pytest.mark.parametrize("a, b", list(itertools.combinations(SPECIES, 2)))
+def test_icg_changes_are_comparable_not_identical(a, b):
+    for organ in ICG_LABELS:
+        similarity = cosine(_mean_change(a, "icg", organ, tuple(ICG_LABELS), 16),
+                            _mean_change(b, "icg", organ, tuple(ICG_LABELS), 16))
+        assert 0.8 <= similarity < 0.995, (organ, similarity)
+
+
+def test_new_species_can_be_registered():
+    dog = simulate.make_species(7, hemoglobin_g_l=150.0, hematocrit=0.45,
+                                blood_scale={"liver": 1.2}, organ_presence={"lung": 0.0})
+    simulate.register_species("test_dog", dog)
+    out = simulate.generate(jax.random.key(0), simulate.make_spec("test_dog"), **SMALL)
+    assert np.isfinite(np.asarray(out["cube"])).all()
+    with pytest.raises(ValueError, match="already registered"):
+        simulate.register_species("test_dog", dog)
+    with pytest.raises(ValueError, match="species_id 1"):
+        simulate.register_species("test_pig_clone", simulate.PIG)
