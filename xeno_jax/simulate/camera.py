@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import ndtri
 
+from xeno_jax.simulate.draws import Draws
 from xeno_jax.simulate.materials import NON_TISSUES
 from xeno_jax.spectra.bands import BandGrid
 
@@ -66,16 +67,15 @@ def white_counts(camera: Camera) -> np.ndarray:
         0.3 + 0.7 * shape)
 
 
-def background_reflectance(key, wavelength_nm, water_mua) -> jnp.ndarray:
+def background_reflectance(u, wavelength_nm, water_mua) -> jnp.ndarray:
     """Parametric spectra of the non-tissue materials, one row per `NON_TISSUES` entry.
 
     Blue cloth: dyes absorbing 550-650 nm, NIR-transparent. Linen: bright, slightly wet. White
     compress: bright with water dips scaling with its wetness. Metal: flat grey. Gloves: a light
-    blue dye band. Dark gap: a few percent.
+    blue dye band. Dark gap: a few percent. `u`: 8 uniform draws varying them per image.
     """
     wl = jnp.asarray(wavelength_nm, jnp.float32)
     water = jnp.asarray(water_mua, jnp.float32)
-    u = jax.random.uniform(key, (8,))
     sigmoid = lambda centre, width: jax.nn.sigmoid((wl - centre) / width)
     gauss = lambda centre, width: jnp.exp(-0.5 * ((wl - centre) / width) ** 2)
     rows = {
@@ -90,11 +90,11 @@ def background_reflectance(key, wavelength_nm, water_mua) -> jnp.ndarray:
     return jnp.stack([rows[name] for name in NON_TISSUES])
 
 
-def shading(height_mm, pixel_mm: tuple[float, float], camera: Camera, key):
+def shading(height_mm, pixel_mm: tuple[float, float], camera: Camera, exponent):
     """Lambert shading L (H, W) and the specular term s (H, W) from six lamps around the lens.
 
     Returns shading normalised to 1 for a flat surface, and the Blinn-Phong specular intensity
-    (before the material's specular coefficient), with the exponent drawn per image.
+    with the given exponent (before the material's specular coefficient).
     """
     gy, gx = jnp.gradient(height_mm)
     gy, gx = gy / pixel_mm[0], gx / pixel_mm[1]
@@ -107,7 +107,6 @@ def shading(height_mm, pixel_mm: tuple[float, float], camera: Camera, key):
     half = lamps + np.array([0, 0, 1], np.float32)
     half /= np.linalg.norm(half, axis=-1, keepdims=True)
     lambert = jnp.mean(jnp.maximum(normal @ lamps.T, 0.0), axis=-1) / np.cos(elevation)
-    exponent = jax.random.uniform(key, (), minval=40.0, maxval=250.0)
     specular = jnp.mean(jnp.maximum(normal @ half.T, 0.0) ** exponent, axis=-1)
     return lambert, specular
 
@@ -132,12 +131,13 @@ def record(key, observed, camera: Camera):
     if not camera.noise:
         return observed, jnp.zeros(observed.shape[:2], bool)
     h, w, c = observed.shape
-    k_white, k_dark, k_row, k_line, k_noise = jax.random.split(key, 5)
+    k_pattern, k_noise = jax.random.split(key)
+    pattern = Draws(k_pattern, normals=3 * h * c + w)
     white0 = jnp.asarray(white_counts(camera), jnp.float32)
-    white = white0 * (1 + 0.004 * jax.random.normal(k_white, (h, 1, c)))
-    dark = camera.dark_counts + 8.0 * jax.random.normal(k_dark, (h, 1, c))
-    row_gain = 1 + camera.row_gain_sd * jax.random.normal(k_row, (h, 1, c))
-    line_gain = 1 + camera.line_gain_sd * jax.random.normal(k_line, (1, w, 1))
+    white = white0 * (1 + 0.004 * pattern.normal((h, 1, c)))
+    dark = camera.dark_counts + 8.0 * pattern.normal((h, 1, c))
+    row_gain = 1 + camera.row_gain_sd * pattern.normal((h, 1, c))
+    line_gain = 1 + camera.line_gain_sd * pattern.normal((1, w, 1))
     signal = (white - dark) * observed * row_gain * line_gain
     sigma = jnp.sqrt(jnp.maximum(signal, 0.0) / camera.electrons_per_count
                      + camera.read_noise_counts**2)

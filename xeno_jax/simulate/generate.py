@@ -20,6 +20,7 @@ from flax import struct
 
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.simulate import camera as camera_lib
+from xeno_jax.simulate.draws import Draws
 from xeno_jax.simulate.materials import (
     MATERIAL_LABEL,
     NUM_TISSUES,
@@ -83,35 +84,36 @@ def make_spec(species: str | Species = "pig", subject: int = 0, state: str = "ph
         mask[index] = True
     if not 0 <= severity <= 1:
         raise ValueError(f"severity must lie in [0, 1], got {severity}")
-    return Spec(
+    return Spec(  # host arrays: cheap to build and stack per image
         species=species,
-        subject=jnp.asarray(subject, jnp.int32),
-        state=jnp.asarray(state_index(state), jnp.int32),
-        severity=jnp.asarray(severity, jnp.float32),
-        minutes=jnp.asarray(minutes, jnp.float32),
-        icg_dose_mg_kg=jnp.asarray(icg_dose_mg_kg, jnp.float32),
-        focus=jnp.asarray(focus_index, jnp.int32),
-        affected=jnp.asarray(mask),
+        subject=np.int32(subject),
+        state=np.int32(state_index(state)),
+        severity=np.float32(severity),
+        minutes=np.float32(minutes),
+        icg_dose_mg_kg=np.float32(icg_dose_mg_kg),
+        focus=np.int32(focus_index),
+        affected=mask,
     )
 
 
 def stack_specs(specs: Sequence[Spec]) -> Spec:
     """Stacks specifications along a new leading axis (for `generate_batch`)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *specs)
+    return jax.tree.map(lambda *xs: np.stack(xs), *specs)
 
 
-def _tissue_means(key, species: Species, subject_key):
+def _tissue_means(image_normals, species: Species, subject_key):
     """Organ means for one image on the sampling scale, (T, 7) = log B, logit S, W, F, log a, b, M.
 
     Subject effects (systemic and per organ) come from `subject_key` only, so every image of a
-    subject shares them; the image adds its own smaller per-organ jitter.
+    subject shares them; the image adds its own smaller per-organ jitter (`image_normals`,
+    standard normal draws of shape (T, 6)).
     """
-    k_sys, k_org, k_hb = jax.random.split(subject_key, 3)
     prior = jnp.asarray(TISSUE_PRIOR_MEAN)
     spread = jnp.asarray(TISSUE_PRIOR_SPREAD)
-    systemic = species.subject_sd * jax.random.normal(k_sys, (4,))
-    subject = 0.4 * spread * jax.random.normal(k_org, spread.shape)
-    image = 0.3 * spread * jax.random.normal(key, spread.shape)
+    subject_draws = Draws(subject_key, normals=5 + spread.size)
+    systemic = species.subject_sd * subject_draws.normal((4,))
+    subject = 0.4 * spread * subject_draws.normal(spread.shape)
+    image = 0.3 * spread * image_normals
     offset = subject + image
     saturation = jnp.clip(prior[:, 1] + species.saturation_offset + species.saturation_shift,
                           0.02, 0.98)
@@ -124,7 +126,7 @@ def _tissue_means(key, species: Species, subject_key):
         prior[:, 5] + species.scatter_power_shift + offset[:, 5],
         species.pigment,
     ], axis=-1)
-    hemoglobin = species.hemoglobin_g_l * jnp.exp(0.06 * jax.random.normal(k_hb))
+    hemoglobin = species.hemoglobin_g_l * jnp.exp(0.06 * subject_draws.normal())
     return means, hemoglobin
 
 
@@ -161,8 +163,8 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     """
     species = spec.species
     spectra = band_spectra(camera.bands)
-    k_layout, k_means, k_coarse, k_fine, k_micro, k_state, k_bg, k_look, k_shade, k_sensor = (
-        jax.random.split(key, 10))
+    k_layout, k_image, k_micro, k_sensor = jax.random.split(key, 4)
+    draws = Draws(k_image, uniforms=16, normals=NUM_TISSUES * 6 + (5 * 7 + 24 * 32) * 6)
     subject_key = jax.random.fold_in(
         jax.random.fold_in(jax.random.key(SUBJECT_SEED), species.species_id), spec.subject)
 
@@ -173,10 +175,10 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     labels = jnp.asarray(MATERIAL_LABEL)[material]
 
     # Per-pixel physiology: organ means + smooth fields + micro texture, then vessels.
-    means, hemoglobin = _tissue_means(k_means, species, subject_key)
+    means, hemoglobin = _tissue_means(draws.normal((NUM_TISSUES, 6)), species, subject_key)
     spread = jnp.asarray(TISSUE_PRIOR_SPREAD)[tissue]
-    field = (0.55 * smooth_field(k_coarse, height, width, (5, 7), 6)
-             + 0.35 * smooth_field(k_fine, height, width, (24, 32), 6)
+    field = (0.55 * smooth_field(draws.normal((5, 7, 6)), height, width)
+             + 0.35 * smooth_field(draws.normal((24, 32, 6)), height, width)
              + 0.15 * jax.random.normal(k_micro, (height, width, 6)))
     theta = means[tissue, :6] + spread * field
     water = jnp.clip(theta[..., 2], 0.0, 0.95)
@@ -192,7 +194,7 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     affected = jnp.where(spec.state == PerfusionState.ICG, is_tissue,
                          spec.affected[labels] & is_tissue)
     params, state_metadata = apply_state(
-        k_state, params, species=species, state=spec.state, severity=spec.severity,
+        draws.uniform((2,)), params, species=species, state=spec.state, severity=spec.severity,
         minutes=spec.minutes, dose_mg_kg=spec.icg_dose_mg_kg, affected=affected,
         is_liver=tissue == _LIVER)
     blood, saturation, icg = params["blood"], params["saturation"], params["icg_molar"]
@@ -211,22 +213,21 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     log_rel = jnp.log(jnp.asarray(spectra.wavelength_nm, jnp.float32) / 500.0)
     log_musp = theta[..., 4:5] - params["scatter_power"][..., None] * log_rel
     tissue_reflectance = reflectance_from_log_ratio(jnp.log(mua) - log_musp)
-    background = camera_lib.background_reflectance(k_bg, spectra.wavelength_nm,
+    background = camera_lib.background_reflectance(draws.uniform((8,)), spectra.wavelength_nm,
                                                    spectra.mua_water)
     reflectance = jnp.where(is_tissue[..., None], tissue_reflectance,
                             background[jnp.maximum(material - NUM_TISSUES, 0)])
 
     # Illumination: shading, vignetting, exposure, wet surface, specular highlights.
     pixel_mm = (FIELD_OF_VIEW_MM[0] / height, FIELD_OF_VIEW_MM[1] / width)
-    lambert, highlight = camera_lib.shading(scene["height_mm"], pixel_mm, camera, k_shade)
-    k_exposure, k_surface, k_gloss = jax.random.split(k_look, 3)
-    exposure = jax.random.uniform(k_exposure, (), minval=0.85, maxval=1.1)
+    lambert, highlight = camera_lib.shading(scene["height_mm"], pixel_mm, camera,
+                                            exponent=draws.uniform((), 40.0, 250.0))
+    exposure = draws.uniform((), 0.85, 1.1)
     yy, xx = jnp.meshgrid(jnp.linspace(-1, 1, height), jnp.linspace(-1, 1, width), indexing="ij")
     vignette = 1.0 - 0.125 * (yy**2 + xx**2)
-    surface = jnp.where(is_tissue, jax.random.uniform(k_surface, (), minval=0.005, maxval=0.03),
-                        0.0)
+    surface = jnp.where(is_tissue, draws.uniform((), 0.005, 0.03), 0.0)
     gloss_table = jnp.concatenate([
-        jnp.full(NUM_TISSUES, jax.random.uniform(k_gloss, (), minval=0.03, maxval=0.15)),
+        jnp.full(NUM_TISSUES, draws.uniform((), 0.03, 0.15)),
         jnp.array([0.01, 0.01, 0.03, 0.6, 0.15, 0.0]),  # order of materials.NON_TISSUES
     ])
     specular = gloss_table[material] * highlight
@@ -261,8 +262,13 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     }
 
 
+@functools.partial(jax.jit, static_argnames=("height", "width", "camera"))
 def generate_batch(keys, specs: Spec, *, height: int = 480, width: int = 640,
                    camera: camera_lib.Camera = camera_lib.Camera()) -> dict:
-    """`generate` vmapped over a batch of keys and stacked specs (see `stack_specs`)."""
-    return jax.vmap(functools.partial(generate, height=height, width=width, camera=camera))(
-        keys, specs)
+    """`generate` over a batch of keys and stacked specs (see `stack_specs`).
+
+    Images are generated one after the other with `lax.map` (on a CPU a vmap gains nothing and
+    compiles slower); the results equal `generate` on each image.
+    """
+    return jax.lax.map(
+        lambda args: generate(*args, height=height, width=width, camera=camera), (keys, specs))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import enum
 
-import jax
 import jax.numpy as jnp
 
 from xeno_jax.simulate.species import Species
@@ -57,12 +56,13 @@ def liver_icg_molar(species: Species, dose_mg_kg, minutes):
     return species.icg_liver_uptake * initial * shape
 
 
-def apply_state(key, params: dict, *, species: Species, state, severity, minutes, dose_mg_kg,
-                affected, is_liver) -> tuple[dict, dict]:
+def apply_state(response, params: dict, *, species: Species, state, severity, minutes,
+                dose_mg_kg, affected, is_liver) -> tuple[dict, dict]:
     """Transforms physiological parameter maps into the given perfusion state.
 
     Args:
-      key: PRNG key for the per-image response parameters.
+      response: two uniform [0, 1) draws placing this image's saturation floors (ischemia,
+        congestion) within the species' ranges.
       params: maps (H, W) ``blood``, ``saturation``, ``water``, ``scatter_power``, ``icg_molar``.
       species: the species (response parameters).
       state: `PerfusionState` (traced int).
@@ -75,11 +75,10 @@ def apply_state(key, params: dict, *, species: Species, state, severity, minutes
     Returns:
       The transformed maps and scalar metadata of the drawn response.
     """
-    k_floor, k_congestion = jax.random.split(key)
     lo, hi = species.ischemia_sto2_range
-    ischemic_floor = jax.random.uniform(k_floor, (), minval=lo, maxval=hi)
+    ischemic_floor = lo + (hi - lo) * response[0]
     lo, hi = species.congestion_sto2_range
-    congested_floor = jax.random.uniform(k_congestion, (), minval=lo, maxval=hi)
+    congested_floor = lo + (hi - lo) * response[1]
 
     b, s, w = params["blood"], params["saturation"], params["water"]
     power = params["scatter_power"]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xeno_jax.labels import SPECIES_12
+from xeno_jax.simulate.draws import Draws
 from xeno_jax.simulate.materials import MATERIAL_LABEL, material_index
 from xeno_jax.simulate.species import Species
 
@@ -74,10 +75,24 @@ def pixel_grid(height: int, width: int) -> jnp.ndarray:
     return jnp.stack(jnp.meshgrid(y, x, indexing="ij"), axis=-1)
 
 
-def smooth_field(key, height: int, width: int, cells: tuple[int, int], channels: int):
-    """Unit-variance-ish smooth random field (H, W, channels): noise on a coarse grid, resized."""
-    coarse = jax.random.normal(key, (cells[0], cells[1], channels))
-    field = jax.image.resize(coarse, (height, width, channels), method="cubic")
+def _cubic_resize_matrix(size: int, cells: int) -> np.ndarray:
+    """(size, cells) weights of cubic-convolution interpolation (Keys, a = -0.5), edges clamped."""
+    position = (np.arange(size) + 0.5) * cells / size - 0.5
+    base = np.floor(position).astype(int)
+    weights = np.zeros((size, cells), np.float32)
+    for offset in range(-1, 3):
+        t = np.abs(position - (base + offset))
+        w = np.where(t <= 1, 1.5 * t**3 - 2.5 * t**2 + 1,
+                     np.where(t < 2, -0.5 * t**3 + 2.5 * t**2 - 4 * t + 2, 0.0))
+        np.add.at(weights, (np.arange(size), np.clip(base + offset, 0, cells - 1)), w)
+    return weights
+
+
+def smooth_field(coarse, height: int, width: int):
+    """A smooth, roughly unit-variance field (H, W, C) from coarse noise (h, w, C), upsampled."""
+    cells = coarse.shape
+    field = jnp.einsum("hi,ijc,wj->hwc", _cubic_resize_matrix(height, cells[0]), coarse,
+                       _cubic_resize_matrix(width, cells[1]))
     return field / jnp.maximum(jnp.std(field, axis=(0, 1), keepdims=True), 1e-3)
 
 
@@ -110,11 +125,10 @@ def _polyline_distance(grid, points):
     return jnp.sqrt(jnp.min(jnp.sum(offset * offset, -1), axis=0))
 
 
-def _random_paths(key, n, start, length, curvature):
+def _random_paths(draws: Draws, n, start, length, curvature):
     """n smooth random centre lines of `_TUBE_SEGMENTS` segments: (n, segments + 1, 2)."""
-    k_heading, k_turn = jax.random.split(key)
-    heading0 = jax.random.uniform(k_heading, (n, 1), maxval=2 * jnp.pi)
-    turns = curvature * jax.random.normal(k_turn, (n, _TUBE_SEGMENTS))
+    heading0 = draws.uniform((n, 1), maxval=2 * jnp.pi)
+    turns = curvature * draws.normal((n, _TUBE_SEGMENTS))
     heading = heading0 + jnp.cumsum(turns, axis=1)
     step = (length / _TUBE_SEGMENTS)[:, None, None] * jnp.stack(
         [jnp.sin(heading), jnp.cos(heading)], axis=-1)
@@ -139,20 +153,19 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
       ``material`` (H, W) int32 material indices, ``height_mm`` (H, W) surface height,
       ``vessel`` (H, W) float in [0, 1] vessel coverage, ``opening`` (H, W) bool.
     """
-    keys = iter(jax.random.split(key, 24))
+    draws = Draws(key, uniforms=256, normals=512)
     grid = pixel_grid(height, width)
     fov = jnp.asarray(FIELD_OF_VIEW_MM)
     scale = species.anatomy_scale
     n_blobs, n_tubes = len(_BLOBS), len(_TUBES)
 
     # Elastic deformation of the organ geometry (a few millimetres).
-    warp = 6.0 * smooth_field(next(keys), height, width, (4, 5), 2)
+    warp = 6.0 * smooth_field(draws.normal((4, 5, 2)), height, width)
     organ_grid = grid + warp
 
     # The surgical opening.
-    center = fov / 2 + 10.0 * jax.random.normal(next(keys), (2,))
-    opening_radius = 0.46 * jnp.min(fov) * (0.55 + 0.45 * scale) * jax.random.uniform(
-        next(keys), (), minval=0.85, maxval=1.1)
+    center = fov / 2 + 10.0 * draws.normal((2,))
+    opening_radius = 0.46 * jnp.min(fov) * (0.55 + 0.45 * scale) * draws.uniform((), 0.85, 1.1)
 
     table = jnp.asarray(_BLOB_TABLE)
     radius_mm, aspect_lo, aspect_hi, harmonics, rectangular, height_mm, region, presence, organ = (
@@ -162,7 +175,7 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     # Only the first slot of the focus label gets the focus role.
     is_focus = is_focus & (jnp.cumsum(is_focus) == 1)
 
-    u = jax.random.uniform(next(keys), (n_blobs, 6))
+    u = draws.uniform((n_blobs, 6))
     size = jnp.where(organ > 0, scale, 1.0) * (0.8 + 0.45 * u[:, 0]) * jnp.where(is_focus, 1.1, 1.0)
     radius = jnp.where(region == 4, radius_mm * opening_radius, radius_mm * size)
     aspect = aspect_lo + (aspect_hi - aspect_lo) * u[:, 1]
@@ -174,11 +187,11 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     border_y = jnp.select([side == 0, side == 1], [0.0, fov[0]], along * fov[0])
     border_x = jnp.select([side == 2, side == 3], [0.0, fov[1]], along * fov[1])
     border = jnp.stack([border_y, border_x], -1)
-    phi = 2 * jnp.pi * jax.random.uniform(next(keys), (n_blobs,))
+    phi = 2 * jnp.pi * draws.uniform((n_blobs,))
     rad = 0.62 * opening_radius * jnp.sqrt(u[:, 5])
     inside = center + rad[:, None] * jnp.stack([jnp.sin(phi), jnp.cos(phi)], -1)
     upper = inside.at[:, 0].set(center[0] - 0.5 * opening_radius + 0.3 * rad * jnp.sin(phi))
-    focus_center = center + 0.15 * opening_radius * jax.random.normal(next(keys), (n_blobs, 2))
+    focus_center = center + 0.15 * opening_radius * draws.normal((n_blobs, 2))
     inward = jnp.where(side[:, None] < 2, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
     inward = inward * jnp.where((side == 0) | (side == 2), 1.0, -1.0)[:, None]
     bar_length = radius * jnp.sqrt(aspect)
@@ -191,13 +204,12 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     angle = jnp.select([region == 3, region == 4], [bar_angle, 0.0], angle)
     aspect = jnp.where(region == 4, fov[1] / fov[0], aspect)
 
-    k_cos, k_sin = jax.random.split(next(keys))
     falloff = 1.0 / jnp.arange(1, _NUM_HARMONICS + 1)
-    harm_cos = harmonics[:, None] * falloff * jax.random.normal(k_cos, (n_blobs, _NUM_HARMONICS))
-    harm_sin = harmonics[:, None] * falloff * jax.random.normal(k_sin, (n_blobs, _NUM_HARMONICS))
+    harm_cos = harmonics[:, None] * falloff * draws.normal((n_blobs, _NUM_HARMONICS))
+    harm_sin = harmonics[:, None] * falloff * draws.normal((n_blobs, _NUM_HARMONICS))
 
     probability = jnp.where(presence < 0, _organ_presence(species, BLOB_MATERIAL), presence)
-    present = (jax.random.uniform(next(keys), (n_blobs,)) < probability) | is_focus
+    present = (draws.uniform((n_blobs,)) < probability) | is_focus
 
     slot_grid = jnp.where((organ > 0)[:, None, None, None], organ_grid[None], grid[None])
     blob_inside, blob_depth = jax.vmap(_blob)(
@@ -213,20 +225,18 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     tube_labels = MATERIAL_LABEL[TUBE_MATERIAL]
     tube_focus = (jnp.asarray(tube_labels) == focus) & (jnp.cumsum(
         jnp.asarray(tube_labels) == focus) == 1)
-    diameter = species.bowel_diameter_mm * tubes[:, 0] * jax.random.uniform(
-        next(keys), (n_tubes,), minval=0.8, maxval=1.2)
-    length = diameter * tubes[:, 1] * jax.random.uniform(next(keys), (n_tubes,), minval=0.7,
-                                                         maxval=1.3)
-    phi = 2 * jnp.pi * jax.random.uniform(next(keys), (n_tubes,))
-    rad = 0.5 * opening_radius * jnp.sqrt(jax.random.uniform(next(keys), (n_tubes,)))
+    diameter = species.bowel_diameter_mm * tubes[:, 0] * draws.uniform((n_tubes,), 0.8, 1.2)
+    length = diameter * tubes[:, 1] * draws.uniform((n_tubes,), 0.7, 1.3)
+    phi = 2 * jnp.pi * draws.uniform((n_tubes,))
+    rad = 0.5 * opening_radius * jnp.sqrt(draws.uniform((n_tubes,)))
     start = center + rad[:, None] * jnp.stack([jnp.sin(phi), jnp.cos(phi)], -1)
     start = jnp.where(tube_focus[:, None], center - 0.3 * length[:, None] * jnp.array([0.0, 1.0]),
                       start)
-    paths = _random_paths(next(keys), n_tubes, start, length, curvature=0.45)
+    paths = _random_paths(draws, n_tubes, start, length, curvature=0.45)
     tube_dist = jax.vmap(_polyline_distance, in_axes=(None, 0))(organ_grid, paths)
     tube_ratio = tube_dist / (diameter / 2)[:, None, None]
-    tube_present = (jax.random.uniform(next(keys), (n_tubes,))
-                    < _organ_presence(species, TUBE_MATERIAL)) | tube_focus
+    tube_present = (draws.uniform((n_tubes,)) < _organ_presence(species, TUBE_MATERIAL)
+                    ) | tube_focus
     tube_inside = (tube_ratio < 1) & tube_present[:, None, None] & opening[None]
     tube_height = (tubes[:, 2] * diameter)[:, None, None] * jnp.clip(1 - tube_ratio**2, 0, 1)
 
@@ -243,16 +253,15 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     z = jnp.where(inside_all, z_all[:, None, None], -jnp.inf)
     top = jnp.argmax(z, axis=0)
     covered = jnp.isfinite(jnp.max(z, axis=0))
-    drape = jnp.where(jax.random.uniform(next(keys)) < 0.7, material_index("blue_cloth"),
+    drape = jnp.where(draws.uniform() < 0.7, material_index("blue_cloth"),
                       material_index("abdominal_linen"))
     material = jnp.where(covered, material_all[top], drape)
     surface = jnp.where(covered, jnp.take_along_axis(height_all, top[None], 0)[0], 0.0)
-    surface = surface + 1.5 * smooth_field(next(keys), height, width, (12, 16), 1)[..., 0]
+    surface = surface + 1.5 * smooth_field(draws.normal((12, 16, 1)), height, width)[..., 0]
 
     # Vessels: thin tubes that raise blood volume where they cross vessel-bearing tissue.
-    vessel_start = center + 0.5 * opening_radius * (
-        jax.random.uniform(next(keys), (_VESSELS, 2)) - 0.5)
-    vessel_paths = _random_paths(next(keys), _VESSELS, vessel_start,
+    vessel_start = center + 0.5 * opening_radius * (draws.uniform((_VESSELS, 2)) - 0.5)
+    vessel_paths = _random_paths(draws, _VESSELS, vessel_start,
                                  jnp.full((_VESSELS,), 1.2 * opening_radius), curvature=0.3)
     vessel_width = scale * jnp.linspace(1.0, 2.5, _VESSELS)
     vessel_dist = jax.vmap(_polyline_distance, in_axes=(None, 0))(organ_grid, vessel_paths)

@@ -199,8 +199,10 @@ HUMAN = make_species(
     anatomy_scale=0.95,
     bowel_diameter_mm=28.0,
     ischemia_sto2_range=(0.12, 0.32),
-    ischemia_blood_drop=0.22,
-    ischemia_scatter_drop=0.14,
+    # Cold-ischemic transplant kidneys: less blood-volume and scattering loss, more oedema.
+    ischemia_blood_drop=0.10,
+    ischemia_scatter_drop=0.05,
+    ischemia_water_gain=0.08,
     congestion_blood_gain=1.4,
     plasma_volume_l_kg=0.040,
     icg_half_life_min=3.5,
