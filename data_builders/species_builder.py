@@ -1,0 +1,342 @@
+"""The shared base of the species datasets: simulated configs and real Tivita data.
+
+Every species is a TFDS dataset folder (``data_builders/<species>/``) whose ``Builder``
+subclasses `SpeciesBuilder` and lists its experiments as `SimulatedSet`s. Three configs:
+
+- ``sim_small`` (default): simulated 96 x 128 images, a few hundred per species;
+- ``sim_full``: simulated 480 x 640 images with the paper's structure and counts;
+- ``tivita``: real Tivita data from ``manual_dir`` in the reference (htc) layout.
+
+Examples are written as ArrayRecord files and read with ``tfds.data_source``; neither needs
+TensorFlow. Splits are perfusion states (``physiological``, ``malperfusion``, ``icg``, ...); the
+``experiment`` feature tells which experiment an image comes from (``semantic`` for the
+physiological multi-organ set that trains segmentation networks, ``kidney`` or
+``aortic_clamping`` for malperfusion experiments, ``icg``, ...), so a data spec can select, e.g.,
+the kidney experiment's physiological and malperfused images for projection learning.
+
+TFDS writes into an ``incomplete.*`` folder and renames it only when every split is written, so
+an interrupted build never leaves a dataset that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow_datasets as tfds
+
+from xeno_jax import simulate
+from xeno_jax.io import tivita
+from xeno_jax.labels import SPECIES_12
+
+NUM_BANDS = 100
+GENERATION_BATCH = 8  # images simulated per call (a fixed shape: one compilation)
+DATASET_SEED = 1_897
+
+# Reference phase types (htc tables.ischemic_table) and other metadata values -> split names.
+STATE_ALIASES = {
+    "physiological": "physiological",
+    "ischemia": "malperfusion",
+    "avascular": "malperfusion",
+    "stasis": "malperfusion",
+    "malperfused": "malperfusion",
+    "malperfusion": "malperfusion",
+    "icg": "icg",
+    "venous_congestion": "venous_congestion",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulatedSet:
+    """One simulated experiment of a species.
+
+    Attributes:
+      experiment: the ``experiment`` feature (``semantic``, ``kidney``, ...).
+      split: the split (perfusion state) its images go to.
+      state: simulator perfusion state.
+      images_per_subject: images of each subject (a tuple of per-subject counts, cycled).
+      subjects: number of subjects (numbered from `first_subject`, disjoint across sets).
+      first_subject: number of the first subject.
+      focus: organs the images centre on, cycled (``None`` entries: no focus organ).
+      affected: organs a malperfusion acts on.
+      severity: uniform range of the severity.
+      minutes: uniform range of the time since the ICG bolus.
+      icg_dose_mg_kg: uniform range of the ICG dose.
+      annotation: ``semantic`` (all classes) or ``polygon`` (only the focus organ annotated,
+        everything else invalid, as htc's ``polygon#malperfused``).
+    """
+
+    experiment: str
+    split: str
+    state: str
+    subjects: int
+    images_per_subject: tuple[int, ...]
+    first_subject: int
+    focus: tuple[str | None, ...] = (None,)
+    affected: tuple[str, ...] = ("kidney",)
+    severity: tuple[float, float] = (0.0, 0.0)
+    minutes: tuple[float, float] = (0.0, 0.0)
+    icg_dose_mg_kg: tuple[float, float] = (0.25, 0.25)
+    annotation: str = "semantic"
+
+    def __post_init__(self):
+        simulate.state_index(self.state)
+        if self.annotation not in ("semantic", "polygon"):
+            raise ValueError(f"annotation must be 'semantic' or 'polygon', got {self.annotation}")
+        if self.annotation == "polygon" and None in self.focus:
+            raise ValueError("polygon annotations need a focus organ for every image")
+
+    @property
+    def num_images(self) -> int:
+        counts = self.images_per_subject
+        return sum(counts[i % len(counts)] for i in range(self.subjects))
+
+
+@dataclasses.dataclass
+class SpeciesConfig(tfds.core.BuilderConfig):
+    """A species dataset config.
+
+    Attributes:
+      source: ``simulated`` or ``tivita``.
+      height, width: image size (simulated, or expected of the real cubes).
+      paper_counts: simulate the paper's numbers of subjects and images (``sim_full``).
+      max_images_per_set: cap on the images of each simulated set (tests, previews).
+    """
+
+    source: str = "simulated"
+    height: int = 96
+    width: int = 128
+    paper_counts: bool = False
+    max_images_per_set: int | None = None
+
+
+SIM_SMALL = SpeciesConfig(name="sim_small", description="Simulated, 96 x 128, a few hundred "
+                          "images per species (the default; fast on a laptop CPU).")
+SIM_FULL = SpeciesConfig(name="sim_full", height=480, width=640, paper_counts=True,
+                         description="Simulated, 480 x 640, the paper's structure and counts.")
+TIVITA = SpeciesConfig(name="tivita", source="tivita", description="Real Tivita data from "
+                       "manual_dir, in the reference (htc) dataset layout.")
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+For the `tivita` config, point `manual_dir` at a dataset in the reference (htc) layout:
+
+  <manual_dir>/data/dataset_settings.json          (label_mapping, last_valid_label_index, ...)
+  <manual_dir>/data/subjects/<subject>/<timestamp>/<timestamp>_SpecCube.dat
+  <manual_dir>/data/subjects/<subject>/<timestamp>/annotations/<timestamp>_meta.json (optional)
+  <manual_dir>/intermediates/segmentations/<subject>#<timestamp>.blosc
+
+Labels are mapped by name through dataset_settings.json to the 12-class species mapping. The
+optional meta file gives the perfusion state (`perfusion_state`, or htc's `phase_type`:
+ischemia/avascular/stasis are malperfusion) and the `experiment`; without it an image is
+physiological and from the `semantic` experiment. Missing cubes or annotations are reported as
+one list.
+"""
+
+
+class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the species builders; subclasses set `SPECIES`, `SUBJECT_FORMAT` and the sets."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [SIM_SMALL, SIM_FULL, TIVITA]
+    DEFAULT_CONFIG_NAME = "sim_small"
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+    SPECIES: str = ""
+    SUBJECT_FORMAT: str = "S{:03d}"
+    FIRST_RECORDING = datetime.datetime(2021, 1, 1, 9, 0, 0)
+
+    def small_sets(self) -> list[SimulatedSet]:
+        """The experiments of ``sim_small``."""
+        raise NotImplementedError
+
+    def paper_sets(self) -> list[SimulatedSet]:
+        """The experiments of ``sim_full`` (the paper's structure and counts)."""
+        raise NotImplementedError
+
+    # -- TFDS interface ---------------------------------------------------------------------
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        config = self.builder_config
+        height, width = config.height, config.width
+        # Raw bytes: TFDS would otherwise write arrays value by value as protobuf lists.
+        array = lambda shape, dtype: tfds.features.Tensor(
+            shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES)
+        features = {
+            "image_name": tfds.features.Text(),
+            "subject": tfds.features.Text(),
+            "species": tfds.features.Text(),
+            "perfusion_state": tfds.features.Text(),
+            "experiment": tfds.features.Text(),
+            "cube": array((height, width, NUM_BANDS), np.float16),
+            "labels": array((height, width), np.uint8),
+            "valid": array((height, width), np.bool_),
+        }
+        if config.source == "simulated":
+            features |= {
+                "saturation": array((height, width), np.float16),
+                "blood_volume": array((height, width), np.float16),
+                "severity": tfds.features.Scalar(dtype=np.float32),
+                "minutes": tfds.features.Scalar(dtype=np.float32),
+                "icg_dose_mg_kg": tfds.features.Scalar(dtype=np.float32),
+                "icg_plasma_molar": tfds.features.Scalar(dtype=np.float32),
+            }
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=f"Spectral images (Tivita-like, 100 bands, 500-1000 nm) of {self.SPECIES} "
+                        f"abdominal organs, 12-class labels (invalid index 12). "
+                        f"{config.description}",
+            features=tfds.features.FeaturesDict(features),
+            homepage="https://doi.org/10.1038/s41551-025-01585-4",
+            citation=self._citation(),
+        )
+
+    def _citation(self) -> str:
+        module = Path(__import__(type(self).__module__, fromlist=["_"]).__file__)
+        path = module.parent / "CITATIONS.bib"
+        return path.read_text() if path.exists() else ""
+
+    def _split_generators(self, dl_manager):
+        if self.builder_config.source == "tivita":
+            return self._tivita_splits(Path(dl_manager.manual_dir))
+        splits = sorted({item[1].split for item in self.planned_images()})
+        return {split: self._generate_simulated(split) for split in splits}
+
+    def _generate_examples(self, *args):  # TFDS requires it; the split generators are specific.
+        raise NotImplementedError("splits come from _generate_simulated or _generate_tivita")
+
+    # -- simulated data -----------------------------------------------------------------------
+
+    def planned_images(self) -> list[tuple[int, SimulatedSet, int, int]]:
+        """(set number, set, subject number, image index) of every image to simulate.
+
+        The set number is the set's position in the config's list, so that two sets of the same
+        subjects (the physiological and malperfused images of one experiment) never collide.
+        """
+        sets = self.paper_sets() if self.builder_config.paper_counts else self.small_sets()
+        cap = self.builder_config.max_images_per_set
+        plan = []
+        for set_number, simulated in enumerate(sets):
+            images = []
+            for s in range(simulated.subjects):
+                count = simulated.images_per_subject[s % len(simulated.images_per_subject)]
+                images += [simulated.first_subject + s] * count
+            plan += [(set_number, simulated, subject, i) for i, subject in enumerate(images[:cap])]
+        return plan
+
+    def image_spec(self, set_number: int, simulated: SimulatedSet, subject: int, index: int):
+        """The simulator key and `Spec` of one image (a pure function of its identity)."""
+        species = simulate.get_species(self.SPECIES)
+        rng = np.random.default_rng(
+            [DATASET_SEED, int(species.species_id), set_number, subject, index])
+        focus = simulated.focus[index % len(simulated.focus)]
+        spec = simulate.make_spec(
+            self.SPECIES, subject=subject, state=simulated.state,
+            severity=float(rng.uniform(*simulated.severity)),
+            minutes=float(rng.uniform(*simulated.minutes)),
+            icg_dose_mg_kg=float(rng.uniform(*simulated.icg_dose_mg_kg)), focus=focus,
+            affected=simulated.affected)
+        return jax.random.key(int(rng.integers(2**31))), spec
+
+    def image_name(self, set_number: int, simulated: SimulatedSet, subject: int,
+                   index: int) -> str:
+        """``<subject>#<timestamp>``: one recording day per subject, one hour per set."""
+        timestamp = self.FIRST_RECORDING + datetime.timedelta(
+            days=subject, hours=set_number, seconds=17 * index)
+        return f"{self.SUBJECT_FORMAT.format(subject)}#{timestamp:%Y_%m_%d_%H_%M_%S}"
+
+    def _generate_simulated(self, split: str) -> Iterator[tuple[str, dict]]:
+        config = self.builder_config
+        plan = [item for item in self.planned_images() if item[1].split == split]
+        for start in range(0, len(plan), GENERATION_BATCH):
+            chunk = plan[start:start + GENERATION_BATCH]
+            padded = chunk + [chunk[-1]] * (GENERATION_BATCH - len(chunk))
+            keys, specs = zip(*(self.image_spec(*item) for item in padded), strict=True)
+            out = simulate.generate_batch(jnp.stack(keys), simulate.stack_specs(specs),
+                                          height=config.height, width=config.width)
+            out = jax.tree.map(np.asarray, out)
+            for row, item in enumerate(chunk):
+                name = self.image_name(*item)
+                yield name, self._simulated_example(name, *item[1:],
+                                                    jax.tree.map(lambda x, r=row: x[r], out))
+
+    def _simulated_example(self, name, simulated, subject, index, out) -> dict:
+        labels = out["labels"]
+        if simulated.annotation == "polygon":
+            focus = SPECIES_12.name_to_index(simulated.focus[index % len(simulated.focus)])
+            labels = np.where(labels == focus, focus, SPECIES_12.invalid_index)
+        meta = out["metadata"]
+        return {
+            "image_name": name,
+            "subject": self.SUBJECT_FORMAT.format(subject),
+            "species": self.SPECIES,
+            "perfusion_state": simulated.split,
+            "experiment": simulated.experiment,
+            "cube": out["cube"].astype(np.float16),
+            "labels": labels.astype(np.uint8),
+            "valid": np.asarray(SPECIES_12.is_valid(labels)),
+            "saturation": out["saturation"].astype(np.float16),
+            "blood_volume": out["blood_volume"].astype(np.float16),
+            "severity": np.float32(meta["severity"]),
+            "minutes": np.float32(meta["minutes"]),
+            "icg_dose_mg_kg": np.float32(meta["icg_dose_mg_kg"]),
+            "icg_plasma_molar": np.float32(meta["icg_plasma_molar"]),
+        }
+
+    # -- real Tivita data ---------------------------------------------------------------------
+
+    def _tivita_splits(self, root: Path):
+        settings = tivita.read_dataset_settings(root)
+        images = tivita.discover_images(root)
+        if not images:
+            raise ValueError(f"{root}: no images found under data/subjects")
+        missing = tivita.find_missing_files(images)
+        if missing:
+            listing = "\n  ".join(str(p) for p in missing)
+            raise FileNotFoundError(f"{len(missing)} files of {root} are missing:\n  {listing}")
+        meta = {image.image_name: read_meta(image) for image in images}
+        splits = sorted({state for state, _ in meta.values()})
+        return {split: self._generate_tivita(
+            [i for i in images if meta[i.image_name][0] == split], settings, meta)
+            for split in splits}
+
+    def _generate_tivita(self, images, settings, meta) -> Iterator[tuple[str, dict]]:
+        for image in images:
+            cube = tivita.read_cube(image.cube_path)
+            expected = (self.builder_config.height, self.builder_config.width, NUM_BANDS)
+            if cube.shape != expected:
+                raise ValueError(f"{image.cube_path}: cube shape {cube.shape}, expected {expected}")
+            labels = tivita.read_labels(image, settings, SPECIES_12)
+            state, experiment = meta[image.image_name]
+            yield image.image_name, {
+                "image_name": image.image_name,
+                "subject": image.subject,
+                "species": self.SPECIES,
+                "perfusion_state": state,
+                "experiment": experiment,
+                "cube": cube.astype(np.float16),
+                "labels": labels.astype(np.uint8),
+                "valid": np.asarray(SPECIES_12.is_valid(labels)),
+            }
+
+
+
+def read_meta(image: tivita.TivitaImage) -> tuple[str, str]:
+    """Perfusion state and experiment of a real image from its optional meta file."""
+    path = image.cube_path.parent / "annotations" / f"{image.timestamp}_meta.json"
+    if not path.exists():
+        return "physiological", "semantic"
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    raw = meta.get("perfusion_state", meta.get("phase_type", "physiological"))
+    if raw not in STATE_ALIASES:
+        raise ValueError(f"{path}: unknown perfusion state {raw!r}; known: {sorted(STATE_ALIASES)}")
+    return STATE_ALIASES[raw], str(meta.get("experiment", "semantic"))

@@ -1,0 +1,331 @@
+"""Species datasets (TFDS builders), real Tivita ingestion, splits, sampler and pipeline."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import data_builders
+from data_builders.species_builder import SIM_SMALL, TIVITA, SimulatedSet, SpeciesBuilder
+from xeno_jax import simulate
+from xeno_jax.data import (
+    Catalog,
+    DataSpec,
+    LabelBalancedSampler,
+    Record,
+    evaluation_batches,
+    nested_cross_validation,
+    train_iterator,
+)
+from xeno_jax.io import tivita
+from xeno_jax.labels import SPECIES_12
+from xeno_jax.train.parallel import DATA_AXIS, make_mesh
+
+TINY = dict(height=16, width=20)
+
+
+@pytest.fixture(scope="session")
+def pig_tiny(tmp_path_factory):
+    """The pig sim_small dataset at 16 x 20 pixels, four images per experiment (``sim_tiny``)."""
+    data_dir = tmp_path_factory.mktemp("tfds")
+    config = dataclasses.replace(SIM_SMALL, name="sim_tiny", max_images_per_set=4, **TINY)
+    builder = data_builders.builder_class("pig")(config=config, data_dir=str(data_dir),
+                                                 file_format="array_record")
+    builder.download_and_prepare()
+    return builder, data_dir
+
+
+def test_simulated_dataset_reads_back_in_a_fresh_process(pig_tiny, tmp_path):
+    builder, data_dir = pig_tiny
+    out = tmp_path / "read.npz"
+    script = textwrap.dedent(f"""
+        import numpy as np, sys, tensorflow_datasets as tfds
+        source = tfds.data_source("pig/sim_tiny", data_dir={str(data_dir)!r})["malperfusion"]
+        rows = [source[i] for i in range(len(source))]
+        assert "data_builders" not in sys.modules and "tensorflow" not in sys.modules
+        np.savez({str(out)!r}, names=[r["image_name"].decode() for r in rows],
+                 cubes=np.stack([r["cube"] for r in rows]),
+                 labels=np.stack([r["labels"] for r in rows]),
+                 saturation=np.stack([r["saturation"] for r in rows]))
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    read = np.load(out)
+    plan = {builder.image_name(*item): item for item in builder.planned_images()}
+    assert len(read["names"]) == sum(item[1].split == "malperfusion" for item in plan.values())
+    for i, name in enumerate(read["names"]):
+        key, spec = builder.image_spec(*plan[str(name)])
+        expected = simulate.generate(key, spec, **TINY)
+        np.testing.assert_array_equal(read["cubes"][i],
+                                      np.asarray(expected["cube"]).astype(np.float16))
+        np.testing.assert_array_equal(read["labels"][i], np.asarray(expected["labels"]))
+        np.testing.assert_array_equal(read["saturation"][i],
+                                      np.asarray(expected["saturation"]).astype(np.float16))
+
+
+def test_simulated_splits_and_features(pig_tiny):
+    builder, _ = pig_tiny
+    assert set(builder.info.splits) == {"physiological", "malperfusion", "icg"}
+    example = builder.as_data_source("icg")[0]
+    assert example["cube"].shape == (16, 20, 100) and example["cube"].dtype == np.float16
+    assert example["labels"].dtype == np.uint8 and example["valid"].dtype == bool
+    assert example["perfusion_state"] == b"icg" and example["species"] == b"pig"
+    assert example["icg_plasma_molar"] > 0
+
+
+# -- real Tivita data in the reference layout -------------------------------------------------
+
+DATASET_IDS = {"background": 0, "kidney": 3, "liver": 7, "meso": 5, "gallbladder": 9,
+               "unlabeled": 255}
+
+
+def write_reference_dataset(root, rng, n=4):
+    tivita.write_dataset_settings(root, {
+        "dataset_name": "test_multiorgan", "label_mapping": DATASET_IDS,
+        "last_valid_label_index": 9, "annotation_name_default": "semantic#primary"})
+    written = {}
+    for i in range(n):
+        subject, timestamp = f"P{90 + i // 2:03d}", f"2021_04_{10 + i:02d}_09_22_02"
+        cube = rng.uniform(0, 1, (12, 16, 100)).astype(np.float32)
+        mask = rng.choice(list(DATASET_IDS.values()), size=(12, 16)).astype(np.uint8)
+        tivita.write_image(root, subject, timestamp, cube, {"semantic#primary": mask})
+        written[f"{subject}#{timestamp}"] = (cube, mask)
+    return written
+
+
+def tivita_builder(data_dir):
+    config = dataclasses.replace(TIVITA, name="tivita_small", height=12, width=16)
+    return data_builders.builder_class("pig")(config=config, data_dir=str(data_dir),
+                                              file_format="array_record")
+
+
+def build_tivita(root, data_dir):
+    builder = tivita_builder(data_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    return builder
+
+
+def test_tivita_ingestion(tmp_path):
+    root = tmp_path / "dataset"
+    written = write_reference_dataset(root, np.random.default_rng(0))
+    image = tivita.discover_images(root)[1]
+    meta = image.cube_path.parent / "annotations" / f"{image.timestamp}_meta.json"
+    meta.parent.mkdir()
+    meta.write_text(json.dumps({"phase_type": "ischemia", "experiment": "kidney"}))
+    builder = build_tivita(root, tmp_path / "tfds")
+    assert set(builder.info.splits) == {"physiological", "malperfusion"}
+    rows = [*builder.as_data_source("physiological"), *builder.as_data_source("malperfusion")]
+    assert len(rows) == len(written)
+    expected_label = {0: 0, 3: 6, 7: 4, 5: 2, 9: 12, 255: 12}  # by name through SPECIES_12
+    for row in rows:
+        cube, mask = written[row["image_name"].decode()]
+        np.testing.assert_array_equal(row["cube"], cube.astype(np.float16))  # orientation kept
+        np.testing.assert_array_equal(row["labels"], np.vectorize(expected_label.get)(mask))
+        np.testing.assert_array_equal(row["valid"], row["labels"] != SPECIES_12.invalid_index)
+        is_ischemic = row["image_name"].decode() == image.image_name
+        assert (row["perfusion_state"] == b"malperfusion") == is_ischemic
+        assert (row["experiment"] == b"kidney") == is_ischemic
+
+
+def test_tivita_missing_files_are_listed(tmp_path):
+    root = tmp_path / "dataset"
+    write_reference_dataset(root, np.random.default_rng(1))
+    images = tivita.discover_images(root)
+    images[0].cube_path.unlink()
+    images[2].annotation_path.unlink()
+    with pytest.raises(FileNotFoundError) as error:
+        build_tivita(root, tmp_path / "tfds")
+    assert "2 files" in str(error.value)
+    assert str(images[0].cube_path) in str(error.value)
+    assert str(images[2].annotation_path) in str(error.value)
+
+
+def test_interrupted_tivita_build_leaves_nothing_complete(tmp_path, monkeypatch):
+    root = tmp_path / "dataset"
+    write_reference_dataset(root, np.random.default_rng(2))
+    data_dir = tmp_path / "tfds"
+    calls = []
+    original = tivita.read_cube
+
+    def failing_read(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise RuntimeError("disk went away")
+        return original(path)
+
+    monkeypatch.setattr(tivita, "read_cube", failing_read)
+    with pytest.raises(RuntimeError, match="disk went away"):
+        build_tivita(root, data_dir)
+    assert not tivita_builder(data_dir).is_prepared()
+    assert not list(data_dir.glob("**/dataset_info.json"))
+    monkeypatch.setattr(tivita, "read_cube", original)
+    builder = build_tivita(root, data_dir)
+    assert builder.is_prepared()
+    assert builder.info.splits["physiological"].num_examples == 4
+
+
+# -- a new species --------------------------------------------------------------------------
+
+def test_a_new_species_builds_and_reads(tmp_path):
+    """The README recipe: species priors, then a builder subclass."""
+    simulate.register_species("test_ferret", simulate.make_species(
+        42, hemoglobin_g_l=160.0, hematocrit=0.5, blood_scale={"liver": 1.3},
+        anatomy_scale=0.3, bowel_diameter_mm=6.0), overwrite=True)
+
+    class Builder(SpeciesBuilder):
+        name = "test_ferret"
+        SPECIES = "test_ferret"
+        SUBJECT_FORMAT = "F{:03d}"
+
+        def small_sets(self):
+            return [SimulatedSet("semantic", "physiological", "physiological", subjects=2,
+                                 images_per_subject=(2,), first_subject=1, focus=(None, "liver")),
+                    SimulatedSet("kidney", "malperfusion", "malperfusion", subjects=1,
+                                 images_per_subject=(2,), first_subject=9, focus=("kidney",),
+                                 severity=(0.5, 1.0), annotation="polygon")]
+
+    builder = Builder(config=dataclasses.replace(SIM_SMALL, name="sim_tiny", **TINY),
+                      data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    source = tfds.data_source("test_ferret/sim_tiny", data_dir=str(tmp_path))
+    assert len(source["physiological"]) == 4 and len(source["malperfusion"]) == 2
+    row = source["malperfusion"][0]
+    assert row["species"] == b"test_ferret" and row["subject"] == b"F009"
+    kidney = SPECIES_12.name_to_index("kidney")
+    assert set(np.unique(row["labels"])) <= {kidney, SPECIES_12.invalid_index}  # polygon
+
+
+# -- splits --------------------------------------------------------------------------------
+
+def synthetic_records(num_subjects=24, images=3, seed=0):
+    rng = np.random.default_rng(seed)
+    records = []
+    for s in range(num_subjects):
+        for i in range(images):
+            labels = tuple(sorted({0, *rng.choice(np.arange(1, 12), rng.integers(1, 5))}))
+            records.append(Record(f"S{s:02d}#{i}", f"S{s:02d}", "pig", "physiological",
+                                  "semantic", 0, len(records), labels))
+    return records
+
+
+def test_nested_cross_validation_by_subject(tmp_path):
+    records = synthetic_records()
+    subject_of = {r.image_name: r.subject for r in records}
+    specs = nested_cross_validation(records, seed=0)
+    assert len(specs) == 3 and all(len(s.folds) == 5 for s in specs)
+    tested = Counter()
+    for spec in specs:
+        test_subjects = {subject_of[n] for n in spec.folds[0].test}
+        tested.update(test_subjects)
+        for fold in spec.folds:
+            train = {subject_of[n] for n in fold.train}
+            val = {subject_of[n] for n in fold.validation_sets["val"]}
+            test = {subject_of[n] for n in fold.test}
+            assert not train & val and not train & test and not val & test
+            assert test == test_subjects
+            assert train | val | test == set(subject_of.values())
+    assert set(tested.values()) == {1} and len(tested) == 24
+    again = nested_cross_validation(records, seed=0)
+    assert [s.to_json() for s in again] == [s.to_json() for s in specs]
+    other = nested_cross_validation(records, seed=1)
+    assert [s.to_json() for s in other] != [s.to_json() for s in specs]
+    specs[0].save(tmp_path / "spec.json")
+    assert DataSpec.load(tmp_path / "spec.json") == specs[0]
+
+
+def test_data_spec_rejects_bad_files(tmp_path):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps([{"fold_name": "fold_0", "learn": {"image_names": []}}]))
+    with pytest.raises(ValueError, match="'learn' must start with train, val or test"):
+        DataSpec.load(path)
+    path.write_text(json.dumps([{"fold_name": "fold_0", "train": {"image_names": "x"}}]))
+    with pytest.raises(ValueError, match=str(path)):
+        DataSpec.load(path)
+
+
+# -- sampler -------------------------------------------------------------------------------
+
+def test_sampler_is_deterministic_and_reaches_every_image():
+    records = synthetic_records(num_subjects=12, images=4, seed=3)
+    sampler = LabelBalancedSampler(records, batch_size=8, seed=0)
+    assert sampler.batch(7).tolist() == LabelBalancedSampler(records, 8, seed=0).batch(7).tolist()
+    assert sampler.batch(7).tolist() != sampler.batch(8).tolist()
+    drawn = {int(p) for i in range(2000) for p in sampler.batch(i)}
+    assert drawn == set(range(len(records)))
+
+
+def test_sampler_balances_labels_then_subjects():
+    """One label per image, so the drawn label is observable: label s % 3 for subject s, who has
+    s + 1 images. Labels and, within a label, subjects must come out uniform."""
+    records = [Record(f"S{s}#{i}", f"S{s}", "pig", "x", "x", 0, 0, (s % 3,))
+               for s in range(9) for i in range(1 + s)]
+    sampler = LabelBalancedSampler(records, batch_size=8, seed=1)
+    picked = [records[p] for i in range(5000) for p in sampler.batch(i)]  # 40,000 draws
+    label_freq = np.bincount([r.labels[0] for r in picked], minlength=3) / len(picked)
+    np.testing.assert_allclose(label_freq, 1 / 3, atol=0.012)  # about 5 standard errors
+    for label in range(3):
+        subjects = Counter(r.subject for r in picked if r.labels[0] == label)
+        freq = np.array(list(subjects.values())) / sum(subjects.values())
+        np.testing.assert_allclose(freq, 1 / 3, atol=0.02)  # uniform despite 1..9 images
+
+
+def test_joint_sampler_draws_from_every_domain():
+    records = [Record(f"{sp}{i}", f"{sp}{i % 3}", sp, "x", "x", 0, 0, (0, 1 + i % 2))
+               for sp in ("human", "pig", "rat") for i in range(6)]
+    sampler = LabelBalancedSampler(records, batch_size=8, seed=0, domain="species")
+    species = Counter(records[p].species for i in range(500) for p in sampler.batch(i))
+    np.testing.assert_allclose(np.array(list(species.values())) / 4000, 1 / 3, atol=0.03)
+
+
+# -- pipeline ------------------------------------------------------------------------------
+
+def test_pipeline_global_batches_and_resume(pig_tiny):
+    _, data_dir = pig_tiny
+    catalog = Catalog(["pig/sim_tiny:physiological"], data_dir)
+    records = catalog.filter(experiment="semantic")
+    mesh = make_mesh(8)
+    iterator = train_iterator(catalog, records, batch_size=8, mesh=mesh, seed=3)
+    batches = [next(iterator) for _ in range(3)]
+    batch = batches[0]
+    assert batch["features"].shape == (8, 16, 20, 100)
+    assert batch["features"].sharding.spec[0] == DATA_AXIS
+    assert len(batch["features"].sharding.device_set) == 8
+    np.testing.assert_allclose(np.abs(np.asarray(batch["features"])).sum(-1), 1.0, rtol=2e-3)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(2)]
+    resumed = train_iterator(catalog, records, batch_size=8, mesh=mesh, seed=3)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for name in want:
+            np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]))
+
+
+def test_evaluation_batches_keep_order_and_pad(pig_tiny):
+    _, data_dir = pig_tiny
+    catalog = Catalog(["pig/sim_tiny:malperfusion"], data_dir)
+    records = catalog.records
+    seen = []
+    for batch_records, batch in evaluation_batches(catalog, records, batch_size=3):
+        assert batch["features"].shape[0] == 3
+        seen += [r.image_name for r in batch_records]
+        first = catalog.read(batch_records[0])
+        np.testing.assert_array_equal(batch["labels"][0], first["labels"])
+    assert seen == [r.image_name for r in records]
+
+
+def test_catalog_reports_unknown_images(pig_tiny):
+    _, data_dir = pig_tiny
+    catalog = Catalog(["pig/sim_tiny:icg"], data_dir)
+    with pytest.raises(KeyError, match="2 images are in none of"):
+        catalog.select(["nope", catalog.records[0].image_name, "neither"])
+    with pytest.raises(ValueError, match="no split 'malperfused'"):
+        Catalog(["pig/sim_tiny:malperfused"], data_dir)
+    assert jax.device_count() == 8
