@@ -5,6 +5,7 @@ subclasses `SpeciesBuilder` and lists its experiments as `SimulatedSet`s. Three 
 
 - ``sim_small`` (default): simulated 96 x 128 images, a few hundred per species;
 - ``sim_full``: simulated 480 x 640 images with the paper's structure and counts;
+- ``sim_tiny``: simulated 32 x 40 images, one per subject (tests and smoke runs);
 - ``tivita``: real Tivita data from ``manual_dir`` in the reference (htc) layout.
 
 Examples are written as ArrayRecord files and read with ``tfds.data_source``; neither needs
@@ -106,6 +107,7 @@ class SpeciesConfig(tfds.core.BuilderConfig):
       source: ``simulated`` or ``tivita``.
       height, width: image size (simulated, or expected of the real cubes).
       paper_counts: simulate the paper's numbers of subjects and images (``sim_full``).
+      max_images_per_subject: cap on each subject's images in a set (keeps every subject).
       max_images_per_set: cap on the images of each simulated set (tests, previews).
     """
 
@@ -113,6 +115,7 @@ class SpeciesConfig(tfds.core.BuilderConfig):
     height: int = 96
     width: int = 128
     paper_counts: bool = False
+    max_images_per_subject: int | None = None
     max_images_per_set: int | None = None
 
 
@@ -120,6 +123,9 @@ SIM_SMALL = SpeciesConfig(name="sim_small", description="Simulated, 96 x 128, a 
                           "images per species (the default; fast on a laptop CPU).")
 SIM_FULL = SpeciesConfig(name="sim_full", height=480, width=640, paper_counts=True,
                          description="Simulated, 480 x 640, the paper's structure and counts.")
+SIM_TINY = SpeciesConfig(name="sim_tiny", height=32, width=40, max_images_per_subject=1,
+                         description="Simulated, 32 x 40, one image per subject: for tests and "
+                         "smoke runs of the whole study.")
 TIVITA = SpeciesConfig(name="tivita", source="tivita", description="Real Tivita data from "
                        "manual_dir, in the reference (htc) dataset layout.")
 
@@ -144,7 +150,7 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = [SIM_SMALL, SIM_FULL, TIVITA]
+    BUILDER_CONFIGS = [SIM_SMALL, SIM_FULL, SIM_TINY, TIVITA]
     DEFAULT_CONFIG_NAME = "sim_small"
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
@@ -221,12 +227,13 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """
         sets = self.paper_sets() if self.builder_config.paper_counts else self.small_sets()
         cap = self.builder_config.max_images_per_set
+        per_subject = self.builder_config.max_images_per_subject
         plan = []
         for set_number, simulated in enumerate(sets):
             images = []
             for s in range(simulated.subjects):
                 count = simulated.images_per_subject[s % len(simulated.images_per_subject)]
-                images += [simulated.first_subject + s] * count
+                images += [simulated.first_subject + s] * min(count, per_subject or count)
             plan += [(set_number, simulated, subject, i) for i, subject in enumerate(images[:cap])]
         return plan
 

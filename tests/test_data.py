@@ -33,9 +33,9 @@ TINY = dict(height=16, width=20)
 
 @pytest.fixture(scope="session")
 def pig_tiny(tmp_path_factory):
-    """The pig sim_small dataset at 16 x 20 pixels, four images per experiment (``sim_tiny``)."""
+    """The pig sim_small dataset at 16 x 20 pixels, four images per experiment (``sim_micro``)."""
     data_dir = tmp_path_factory.mktemp("tfds")
-    config = dataclasses.replace(SIM_SMALL, name="sim_tiny", max_images_per_set=4, **TINY)
+    config = dataclasses.replace(SIM_SMALL, name="sim_micro", max_images_per_set=4, **TINY)
     builder = data_builders.builder_class("pig")(config=config, data_dir=str(data_dir),
                                                  file_format="array_record")
     builder.download_and_prepare()
@@ -47,7 +47,7 @@ def test_simulated_dataset_reads_back_in_a_fresh_process(pig_tiny, tmp_path):
     out = tmp_path / "read.npz"
     script = textwrap.dedent(f"""
         import numpy as np, sys, tensorflow_datasets as tfds
-        source = tfds.data_source("pig/sim_tiny", data_dir={str(data_dir)!r})["malperfusion"]
+        source = tfds.data_source("pig/sim_micro", data_dir={str(data_dir)!r})["malperfusion"]
         rows = [source[i] for i in range(len(source))]
         assert "data_builders" not in sys.modules and "tensorflow" not in sys.modules
         np.savez({str(out)!r}, names=[r["image_name"].decode() for r in rows],
@@ -191,10 +191,10 @@ def test_a_new_species_builds_and_reads(tmp_path):
                                  images_per_subject=(2,), first_subject=9, focus=("kidney",),
                                  severity=(0.5, 1.0), annotation="polygon")]
 
-    builder = Builder(config=dataclasses.replace(SIM_SMALL, name="sim_tiny", **TINY),
+    builder = Builder(config=dataclasses.replace(SIM_SMALL, name="sim_micro", **TINY),
                       data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()
-    source = tfds.data_source("test_ferret/sim_tiny", data_dir=str(tmp_path))
+    source = tfds.data_source("test_ferret/sim_micro", data_dir=str(tmp_path))
     assert len(source["physiological"]) == 4 and len(source["malperfusion"]) == 2
     row = source["malperfusion"][0]
     assert row["species"] == b"test_ferret" and row["subject"] == b"F009"
@@ -288,7 +288,7 @@ def test_joint_sampler_draws_from_every_domain():
 
 def test_pipeline_global_batches_and_resume(pig_tiny):
     _, data_dir = pig_tiny
-    catalog = Catalog(["pig/sim_tiny:physiological"], data_dir)
+    catalog = Catalog(["pig/sim_micro:physiological"], data_dir)
     records = catalog.filter(experiment="semantic")
     mesh = make_mesh(8)
     iterator = train_iterator(catalog, records, batch_size=8, mesh=mesh, seed=3)
@@ -310,7 +310,7 @@ def test_pipeline_global_batches_and_resume(pig_tiny):
 
 def test_evaluation_batches_keep_order_and_pad(pig_tiny):
     _, data_dir = pig_tiny
-    catalog = Catalog(["pig/sim_tiny:malperfusion"], data_dir)
+    catalog = Catalog(["pig/sim_micro:malperfusion"], data_dir)
     records = catalog.records
     seen = []
     for batch_records, batch in evaluation_batches(catalog, records, batch_size=3):
@@ -323,9 +323,9 @@ def test_evaluation_batches_keep_order_and_pad(pig_tiny):
 
 def test_catalog_reports_unknown_images(pig_tiny):
     _, data_dir = pig_tiny
-    catalog = Catalog(["pig/sim_tiny:icg"], data_dir)
+    catalog = Catalog(["pig/sim_micro:icg"], data_dir)
     with pytest.raises(KeyError, match="2 images are in none of"):
         catalog.select(["nope", catalog.records[0].image_name, "neither"])
     with pytest.raises(ValueError, match="no split 'malperfused'"):
-        Catalog(["pig/sim_tiny:malperfused"], data_dir)
+        Catalog(["pig/sim_micro:malperfused"], data_dir)
     assert jax.device_count() == 8

@@ -14,10 +14,12 @@ NaN scores are skipped by every mean, as pandas does in the reference.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from xeno_jax.io import atomic_write
 from xeno_jax.labels import LabelMapping
 
 _ID_COLUMNS = ("image_name", "subject", "label")
@@ -123,6 +125,23 @@ class ScoreTable:
     def with_scores(self, **columns) -> ScoreTable:
         """This table with score columns added or replaced (e.g. ``median_sto2``)."""
         return dataclasses.replace(self, scores={**self.scores, **columns})
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the table as an ``.npz`` file (no pickled objects), atomically."""
+        with atomic_write(path) as f:
+            np.savez(f, **{name: getattr(self, name) for name in _ID_COLUMNS},
+                     **{f"score.{name}": column for name, column in self.scores.items()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ScoreTable:
+        """Reads a table written by `save`."""
+        with np.load(path, allow_pickle=False) as data:
+            missing = [n for n in _ID_COLUMNS if n not in data.files]
+            if missing:
+                raise ValueError(f"{path}: not a score table (missing {missing})")
+            return cls(**{n: data[n] for n in _ID_COLUMNS},
+                       scores={k[len("score."):]: data[k] for k in data.files
+                               if k.startswith("score.")})
 
     def to_dict(self, label_mapping: LabelMapping | None = None) -> dict[str, np.ndarray]:
         """All columns by name (``pandas.DataFrame(table.to_dict())`` works).

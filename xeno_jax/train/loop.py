@@ -31,6 +31,7 @@ How it is fed (see `train` for the exact signatures):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -97,6 +98,73 @@ class NonFiniteLossError(FloatingPointError):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingSetup:
+    """What a run's config determines before any data is seen.
+
+    Attributes:
+      epoch_steps, total_steps: optimiser steps per epoch and in all.
+      swa_schedule: SWA snapshot steps, or None without SWA.
+      schedule: the learning-rate schedule.
+      optimizer: the optax transformation.
+      init_state: ``() -> TrainState``, jitted to the replicated layout of the mesh.
+    """
+
+    epoch_steps: int
+    total_steps: int
+    swa_schedule: SWASchedule | None
+    schedule: Callable[[Any], Any]
+    optimizer: Any
+    init_state: Callable[[], TrainState]
+
+
+def training_setup(config: ml_collections.ConfigDict, model: Any,
+                   mesh: jax.sharding.Mesh) -> TrainingSetup:
+    """Schedule, optimiser and state initialiser of a run (shared by `train` and restoring)."""
+    epoch_steps = steps_per_epoch(config)
+    total_steps = config.train.epochs * epoch_steps
+    swa_epoch = swa_start_epoch(config) if config.train.swa else None
+    swa_schedule = None
+    if swa_epoch is not None:
+        swa_schedule = SWASchedule(
+            first_step=swa_epoch * epoch_steps,
+            last_step=(config.train.epochs - 1) * epoch_steps,
+            every=epoch_steps,
+        )
+    schedule = learning_rate_schedule(
+        config.train.learning_rate, config.train.lr_decay, epoch_steps, swa_epoch
+    )
+    optimizer = make_optimizer(schedule)
+    init_state = jax.jit(
+        functools.partial(
+            create_train_state,
+            model,
+            optimizer,
+            seed=config.train.seed,
+            input_shape=(1, INIT_INPUT_SIZE, INIT_INPUT_SIZE, config.model.in_channels),
+            swa_schedule=swa_schedule,
+        ),
+        out_shardings=replicated_sharding(mesh),
+    )
+    return TrainingSetup(epoch_steps, total_steps, swa_schedule, schedule, optimizer, init_state)
+
+
+def restore_final_variables(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """The final model variables of a run (the SWA average if SWA is on), on the host.
+
+    Raises:
+      FileNotFoundError: if the work directory holds no checkpoint.
+    """
+    mesh = make_mesh(config.parallel.num_devices)
+    setup = training_setup(config, build_model(config.model, axis_name=DATA_AXIS), mesh)
+    manager = ckpt.checkpoint_manager(workdir, max_to_keep=None)
+    try:
+        state = ckpt.restore_checkpoint(manager, jax.eval_shape(setup.init_state))
+    finally:
+        manager.close()
+    return jax.device_get(state.final_variables())
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -135,33 +203,12 @@ def train(
     validate_config(config)
     mesh = make_mesh(config.parallel.num_devices)
     model = build_model(config.model, axis_name=DATA_AXIS) if model is None else model
-    epoch_steps = steps_per_epoch(config)
-    total_steps = config.train.epochs * epoch_steps
-    swa_epoch = swa_start_epoch(config) if config.train.swa else None
-    swa_schedule = None
-    if swa_epoch is not None:
-        swa_schedule = SWASchedule(
-            first_step=swa_epoch * epoch_steps,
-            last_step=(config.train.epochs - 1) * epoch_steps,
-            every=epoch_steps,
-        )
-    schedule = learning_rate_schedule(
-        config.train.learning_rate, config.train.lr_decay, epoch_steps, swa_epoch
-    )
-    optimizer = make_optimizer(schedule)
+    setup = training_setup(config, model, mesh)
+    epoch_steps, total_steps = setup.epoch_steps, setup.total_steps
+    swa_schedule, schedule, optimizer = setup.swa_schedule, setup.schedule, setup.optimizer
+    init_state = setup.init_state
 
     # ---- State: new, or restored from the latest checkpoint -------------------------------
-    init_state = jax.jit(
-        functools.partial(
-            create_train_state,
-            model,
-            optimizer,
-            seed=config.train.seed,
-            input_shape=(1, INIT_INPUT_SIZE, INIT_INPUT_SIZE, config.model.in_channels),
-            swa_schedule=swa_schedule,
-        ),
-        out_shardings=replicated_sharding(mesh),
-    )
     manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
     if manager.latest_step() is None:
         state = init_state()

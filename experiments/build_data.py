@@ -1,0 +1,48 @@
+"""Builds the species datasets a config needs (skipping those already built), with progress.
+
+  python -m experiments.build_data --species=human,pig --dataset=sim_small
+  python -m experiments.build_data --study_config=experiments/configs/study.py:demo \
+      --data_dir=workdir/tfds
+  python -m experiments.build_data --species=pig --dataset=tivita --manual_dir=/data/pig_tivita \
+      --data_dir=/data/tfds
+"""
+
+import logging
+
+import tensorflow_datasets as tfds
+from absl import app, flags
+from ml_collections import config_flags
+
+import data_builders
+from experiments import common
+from xeno_jax.study.study import species_involved
+
+_SPECIES = flags.DEFINE_list("species", [], "Species to build (default: all, or the study's).")
+_DATASET = flags.DEFINE_string("dataset", "sim_small", "Builder config: sim_small, sim_full, "
+                               "tivita (or the study config's).")
+_DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data directory.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Real data for the tivita config.")
+_STUDY = config_flags.DEFINE_config_file("study_config", None, "Build what this study needs.")
+
+
+def main(argv):
+    del argv
+    common.start()
+    species, dataset = _SPECIES.value, _DATASET.value
+    if _STUDY.value is not None:
+        species = species or species_involved(_STUDY.value.configurations,
+                                               _STUDY.value.test_sets)
+        dataset = _STUDY.value.dataset
+    for name in species or data_builders.SPECIES:
+        builder = data_builders.builder(name, dataset, data_dir=_DATA_DIR.value)
+        if builder.is_prepared():
+            logging.info("%s/%s: already built in %s", name, dataset, builder.data_dir)
+            continue
+        download_config = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
+        builder.download_and_prepare(download_config=download_config)
+        logging.info("%s/%s: %s", name, dataset,
+                     {k: v.num_examples for k, v in builder.info.splits.items()})
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,39 @@
+"""Runs (or resumes) the xeno-learning study and writes <workdir>/report.md.
+
+  python -m experiments.study --config=experiments/configs/study.py:demo --workdir=workdir
+  python -m experiments.study --config=experiments/configs/study.py --workdir=study
+
+See experiments/configs/study.py for the configurations, folds and datasets.
+"""
+
+import logging
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import common
+from xeno_jax.study.study import run_study
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the study.", required=True)
+
+
+def resolve(config, workdir: str):
+    """The study config with its data directory defaulting to ``<workdir>/tfds``."""
+    if not config.data_dir:
+        with config.unlocked():
+            config.data_dir = str(Path(workdir).resolve() / "tfds")
+    return config
+
+
+def main(argv):
+    del argv
+    common.start()
+    report = run_study(resolve(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
+    logging.info("report: %s", report)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)

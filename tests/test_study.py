@@ -1,0 +1,114 @@
+"""The study end to end at a tiny size: two configurations, one fold, a few steps."""
+
+import re
+
+import numpy as np
+import pytest
+
+from experiments.configs import study as study_config
+from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
+from xeno_jax.study import report, runs
+from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
+from xeno_jax.study.study import run_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("study")
+    config = study_config.get_config("demo,sim_tiny")
+    with config.unlocked():
+        config.data_dir = str(workdir / "tfds")
+        config.overrides.train.epochs = 1
+        config.overrides.train.epoch_size = 16  # two steps of 8 images
+    path = run_study(config, workdir)
+    return config, workdir, path
+
+
+def _formatted_numbers(tables: dict[tuple[str, str], ScoreTable]) -> set[str]:
+    """Every value the report may print, recomputed from the saved score tables."""
+    numbers = set()
+    for table in tables.values():
+        for metric in ("dice", "nsd"):
+            if metric not in table.scores:
+                continue
+            scores = bootstrap_class_level(table, metric)
+            for values in (scores.mean, scores.ci_low, scores.ci_high):
+                numbers |= {f"{v:.3f}" for v in values}
+            numbers |= {f"{v:.3f}" for v in (scores.class_mean, scores.class_mean_ci_low,
+                                              scores.class_mean_ci_high)}
+            labels = scores.labels
+            for label in labels:  # label means over subsets (kidney) via label_summary
+                numbers |= {f"{v:.3f}" for v in report.label_summary(table, [label], metric)}
+    for (name, test_set), table in tables.items():
+        parsed = parse_configuration(name)
+        baseline = tables.get((f"baseline_{parsed.target}", test_set))
+        if parsed.is_projected and baseline is not None:
+            xeno, base = (bootstrap_class_level(t, "dice") for t in (table, baseline))
+            numbers.add(f"{abs(xeno.class_mean - base.class_mean):.3f}")
+            kidney = [report.KIDNEY]
+            delta = (report.label_summary(table, kidney)[0]
+                     - report.label_summary(baseline, kidney)[0])
+            numbers.add(f"{abs(delta):.3f}")
+    return numbers
+
+
+def test_report_structure_and_computed_numbers(study):
+    config, workdir, path = study
+    text = path.read_text()
+    for heading in ("# Xeno-learning study report", "## Key results",
+                    "## Xeno-learning minus baseline", "## Test set `physiological`",
+                    "## Test set `malperfusion`", "## Figures"):
+        assert heading in text
+    for name in config.configurations:
+        assert f"| {name} |" in text
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", text):
+        assert (workdir / figure).stat().st_size > 0
+    tables = {(name, test): ScoreTable.load(workdir / "scores" / name / f"{test}.npz")
+              for name in config.configurations for test in config.test_sets}
+    assert all(len(t) for t in tables.values())
+    allowed = _formatted_numbers(tables)
+    # Every decimal in the tables is one of the recomputed values.
+    printed = re.findall(r"[+-]?(\d\.\d{3})", text)
+    assert printed and set(printed) <= allowed, sorted(set(printed) - allowed)[:10]
+
+
+def test_rerun_reuses_everything(study):
+    config, workdir, path = study
+    before = {p: p.stat().st_mtime_ns for p in (workdir / "runs").rglob("*") if p.is_file()}
+    scores = {p: p.read_bytes() for p in (workdir / "scores").rglob("*.npz")}
+    text = path.read_text()
+    run_study(config, workdir)
+    after = {p: p.stat().st_mtime_ns for p in (workdir / "runs").rglob("*") if p.is_file()}
+    assert after == before  # no run retrained or re-checkpointed
+    assert {p: p.read_bytes() for p in (workdir / "scores").rglob("*.npz")} == scores
+    assert path.read_text() == text
+
+
+def test_finished_runs_and_banks_are_where_the_study_says(study):
+    config, workdir, _ = study
+    for name in config.configurations:
+        assert runs.is_done(runs.runs_root(workdir, name, 0, 0))
+    bank = runs.bank_path(config.data_dir, config.dataset, "malperfusion", "pig")
+    assert bank.exists()
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGURATIONS)
+def test_every_paper_configuration_has_a_valid_config(name):
+    config = run_config(name, quick=True)
+    parsed = parse_configuration(name)
+    assert config.data.species == parsed.target
+    assert (config.augment.preset == "xeno") == parsed.is_projected
+    if parsed.is_projected:
+        assert (parsed.pathology, parsed.source) in runs.BANK_RECIPES
+    with pytest.raises(AttributeError):
+        config.train.bach_size = 4  # locked: misspelt keys are errors
+
+
+def test_unknown_configuration_is_an_error():
+    with pytest.raises(ValueError, match="unknown configuration 'baseline-human'"):
+        parse_configuration("baseline-human")
+    assert np.isnan(report.label_summary(
+        ScoreTable(np.array(["a"]), np.array(["s"]), np.array([0]), {"dice": np.array([1.0])}),
+        [report.KIDNEY])[0])

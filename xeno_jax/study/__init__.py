@@ -1,0 +1,1 @@
+"""Orchestration of experiments: runs, the xeno-learning study, and its report."""

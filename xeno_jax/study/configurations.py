@@ -1,0 +1,124 @@
+"""The paper's training configurations (method.md A3) as ml_collections configs.
+
+A configuration is named as the reference names its runs:
+
+- ``baseline_<species>``: trained on the species' physiological images;
+- ``projected-malperfusion_<source>2<target>`` / ``projected-ICG_<source>2<target>``: the same,
+  plus the xeno-learning augmentation with the source species' malperfusion (kidney) or ICG
+  projections;
+- ``joint_pig-p+rat-p2human``: human plus physiological pig and rat images.
+
+The files in ``experiments/configs`` build their configs with these functions.
+`run_config(name, quick=..., dataset=...)` returns the full config of one training run: the
+training sections of `xeno_jax.train.default_config` plus ``data`` (which images), ``augment``
+(the A4 pipeline and its projection bank) and ``evaluate``. ``quick`` shrinks the network and the
+schedule for a CPU (the demo); ``dataset`` is the builder config (``sim_small``, ``sim_full`` or
+``tivita``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import ml_collections
+
+from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS
+from xeno_jax.train.config import default_config
+
+SPECIES = ("human", "pig", "rat")
+PATHOLOGIES = {"malperfusion": MALPERFUSED_LABELS, "ICG": ICG_LABELS}
+PAPER_CONFIGURATIONS = (
+    "baseline_human", "baseline_pig", "baseline_rat",
+    "projected-malperfusion_rat2pig", "projected-malperfusion_pig2rat",
+    "projected-malperfusion_pig2human", "projected-malperfusion_rat2human",
+    "projected-malperfusion_pig2pig",
+    "projected-ICG_rat2pig", "projected-ICG_pig2rat",
+    "joint_pig-p+rat-p2human",
+)
+_PATTERNS = (
+    re.compile(r"^baseline_(?P<target>[a-z]+)$"),
+    re.compile(r"^projected-(?P<pathology>malperfusion|ICG)_(?P<source>[a-z]+)2(?P<target>[a-z]+)$"),
+    re.compile(r"^joint_(?P<extra>[a-z]+-p(\+[a-z]+-p)*)2(?P<target>[a-z]+)$"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Configuration:
+    """A parsed configuration name."""
+
+    name: str
+    target: str
+    source: str = ""
+    pathology: str = ""
+    extra_species: tuple[str, ...] = ()
+
+    @property
+    def is_projected(self) -> bool:
+        return bool(self.source)
+
+
+def parse_configuration(name: str) -> Configuration:
+    """Parses ``baseline_human``, ``projected-ICG_rat2pig``, ``joint_pig-p+rat-p2human``, ..."""
+    for pattern in _PATTERNS:
+        match = pattern.match(name)
+        if match:
+            groups = match.groupdict()
+            extra = tuple(s[:-2] for s in groups["extra"].split("+")) if groups.get("extra") else ()
+            return Configuration(name, groups["target"], groups.get("source") or "",
+                                 groups.get("pathology") or "", extra)
+    raise ValueError(f"unknown configuration {name!r}; expected baseline_<species>, "
+                     f"projected-<malperfusion|ICG>_<source>2<target> or "
+                     f"joint_<species>-p+...2<target>, e.g. {PAPER_CONFIGURATIONS}")
+
+
+def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small"
+               ) -> ml_collections.ConfigDict:
+    """The locked config of one training run of configuration `name`."""
+    parsed = parse_configuration(name)
+    config = default_config()
+    with config.unlocked():
+        config.configuration = name
+
+        config.data = ml_collections.ConfigDict()
+        config.data.data_dir = "~/tensorflow_datasets"  # TFDS data directory
+        config.data.dataset = dataset  # builder config: sim_small | sim_full | tivita
+        config.data.species = parsed.target
+        config.data.extra_species = parsed.extra_species  # joint: physiological images added
+        config.data.outer_fold = 0  # nested cross-validation: outer fold (test set) ...
+        config.data.fold = 0  # ... and inner fold (train/val) of this run
+        config.data.num_threads = 4  # grain reader threads
+
+        config.augment.preset = "xeno" if parsed.is_projected else "baseline"
+        config.augment.source = parsed.source  # species whose projections are applied
+        config.augment.pathology = parsed.pathology  # malperfusion | ICG
+        config.augment.target_labels = PATHOLOGIES[parsed.pathology] if parsed.pathology else ()
+        config.augment.bank = ""  # projection bank file; "" learns/uses the default one
+
+        config.evaluate = ml_collections.ConfigDict()
+        config.evaluate.batch_size = 8
+
+        if quick:
+            config.model.variant = "tiny"
+            config.train.epochs = 12
+            config.train.epoch_size = 200
+            config.train.checkpoint_every_steps = 100
+            config.train.validate_every_epochs = 1000  # validation only at the end
+            config.train.log_every_steps = 10
+    return config
+
+
+def config_from_arg(arg: str, kind: str) -> ml_collections.ConfigDict:
+    """Parses a config-file argument ``<what>[,quick][,<dataset>]`` for baseline/xeno/joint."""
+    parts = [p for p in (arg or "").split(",") if p]
+    if not parts:
+        raise ValueError(f"{kind} config needs an argument, e.g. {kind}.py:human,quick")
+    quick = "quick" in parts[1:]
+    datasets = [p for p in parts[1:] if p != "quick"]
+    if len(datasets) > 1:
+        raise ValueError(f"unexpected config arguments {datasets} in {arg!r}")
+    what = parts[0]
+    name = {"baseline": f"baseline_{what}",
+            "xeno": what if what.startswith("projected-") else f"projected-malperfusion_{what}",
+            "joint": f"joint_{what}"}[kind]
+    return run_config(name, quick=quick, dataset=datasets[0] if datasets else "sim_small")

@@ -1,0 +1,334 @@
+"""The study report: ``report.md`` with tables and figures, every number computed from scores.
+
+Tables (method.md C2): class-level DSC and NSD (image -> subject -> class) with 95% subject-
+bootstrap intervals per configuration and test set; a key table of the pathology labels; and
+the xeno-learning-minus-baseline differences. Figures (method.md C3): DSC against median StO2
+of kidney per transfer direction, ICG improvement per organ, the mean pathological change of the
+transferred organs in the source and target species, and example predictions next to labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
+
+from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
+from xeno_jax.evaluate.perfusion import parameter_curves
+from xeno_jax.io import atomic_write
+from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS, SPECIES_12
+from xeno_jax.spectra import tivita_wavelengths
+from xeno_jax.study import runs
+from xeno_jax.study.configurations import parse_configuration
+from xeno_jax.study.study import Evaluation
+
+KIDNEY = SPECIES_12.name_to_index("kidney")
+PATHOLOGY_LABELS = {"malperfusion": MALPERFUSED_LABELS, "icg": ICG_LABELS}
+
+
+def _fmt(mean: float, low: float, high: float) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def label_summary(table: ScoreTable, labels: Sequence[int], metric: str = "dice"
+                  ) -> tuple[float, float, float]:
+    """Class-level mean over `labels` with its bootstrap interval (NaN if none is present)."""
+    scores = bootstrap_class_level(table, metric)
+    rows = np.flatnonzero(np.isin(scores.labels, labels))
+    if not rows.size:
+        return float("nan"), float("nan"), float("nan")
+    samples = np.nanmean(scores.bootstrap_means[:, rows], axis=1)
+    return (float(np.mean(scores.mean[rows])), float(np.nanpercentile(samples, 2.5)),
+            float(np.nanpercentile(samples, 97.5)))
+
+
+def key_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
+    """Per configuration: kidney DSC on physiological and malperfused images, class mean DSC."""
+    rows = []
+    for name in dict.fromkeys(e.configuration for e in evaluations):
+        tables = {e.test_set: e.table for e in evaluations if e.configuration == name}
+        row = {"configuration": name}
+        if "physiological" in tables:
+            row["kidney DSC, physiological"] = _fmt(*label_summary(tables["physiological"],
+                                                                   [KIDNEY]))
+        if "malperfusion" in tables:
+            row["kidney DSC, malperfused"] = _fmt(*label_summary(tables["malperfusion"],
+                                                                 [KIDNEY]))
+        if "physiological" in tables:
+            scores = bootstrap_class_level(tables["physiological"], "dice")
+            row["class-mean DSC, physiological"] = _fmt(
+                scores.class_mean, scores.class_mean_ci_low, scores.class_mean_ci_high)
+        if "icg" in tables:
+            icg = [SPECIES_12.name_to_index(n) for n in ICG_LABELS]
+            row["ICG-organ DSC, ICG"] = _fmt(*label_summary(tables["icg"], icg))
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, str]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def class_table(evaluations: Sequence[Evaluation], test_set: str, metric: str) -> str:
+    """Rows: configurations; columns: classes and the class mean, with bootstrap intervals."""
+    rows = []
+    for e in evaluations:
+        if e.test_set != test_set or metric not in e.table.scores or not len(e.table):
+            continue
+        scores = bootstrap_class_level(e.table, metric)
+        row = {"configuration": e.configuration,
+               "class mean": _fmt(scores.class_mean, scores.class_mean_ci_low,
+                                  scores.class_mean_ci_high)}
+        for k, label in enumerate(scores.labels):
+            row[SPECIES_12.index_to_name(label)] = _fmt(scores.mean[k], scores.ci_low[k],
+                                                        scores.ci_high[k])
+        rows.append(row)
+    return markdown_table(rows) if rows else "_no scores_"
+
+
+def difference_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
+    """Xeno-learning minus the baseline of the same target species, per test set."""
+    by_key = {(e.configuration, e.test_set): e.table for e in evaluations}
+    rows = []
+    for (name, test_set), table in by_key.items():
+        parsed = parse_configuration(name)
+        baseline = by_key.get((f"baseline_{parsed.target}", test_set))
+        if not parsed.is_projected or baseline is None:
+            continue
+        targets = [SPECIES_12.name_to_index(n) for n in PATHOLOGY_LABELS.get(
+            parsed.pathology.lower(), ())]
+        xeno_all, base_all = (bootstrap_class_level(t, "dice") for t in (table, baseline))
+        row = {"configuration": name, "test set": test_set,
+               "delta class-mean DSC": f"{xeno_all.class_mean - base_all.class_mean:+.3f}"}
+        if targets:
+            delta = label_summary(table, targets)[0] - label_summary(baseline, targets)[0]
+            row[f"delta DSC of {parsed.pathology} labels"] = f"{delta:+.3f}"
+        rows.append(row)
+    return rows
+
+
+# -- figures --------------------------------------------------------------------------------
+
+def _columns(table: ScoreTable, names: Sequence[str]) -> ScoreTable:
+    return ScoreTable(table.image_name, table.subject, table.label,
+                      {n: table.scores[n] for n in names})
+
+
+def plot_dsc_against_sto2(evaluations: Sequence[Evaluation], path: Path) -> bool:
+    """Kidney DSC over median StO2 for every target with a malperfusion test set."""
+    groups: dict[str, list[tuple[str, ScoreTable]]] = {}
+    for e in evaluations:
+        if e.test_set != "malperfusion":
+            continue
+        physiological = next((x.table for x in evaluations if x.configuration == e.configuration
+                              and x.test_set == "physiological"), None)
+        parts = [e.table] if physiological is None else [physiological, e.table]
+        table = ScoreTable.concatenate([_columns(t, ("dice", "median_sto2")) for t in parts])
+        groups.setdefault(parse_configuration(e.configuration).target, []).append(
+            (e.configuration, table.select(table.label == KIDNEY)))
+    groups = {t: v for t, v in groups.items() if any(len(table) for _, table in v)}
+    if not groups:
+        return False
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
+    for ax, (target, entries) in zip(axes[0], groups.items(), strict=True):
+        for name, table in entries:
+            if not len(table):
+                continue
+            curves = parameter_curves(table, "median_sto2", "dice")
+            ax.plot(curves.grid, curves.mean[0], label=name)
+            ax.fill_between(curves.grid, curves.ci_low[0], curves.ci_high[0], alpha=0.2)
+        ax.set(title=f"kidney, {target}", xlabel="median StO2 index of the kidney",
+               ylabel="DSC", ylim=(0, 1.02), xlim=(0, 1))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_icg_improvement(evaluations: Sequence[Evaluation], path: Path) -> bool:
+    """Per ICG organ: mean (SD over subjects) of DSC_xeno - DSC_baseline on ICG images."""
+    by_key = {(e.configuration, e.test_set): e.table for e in evaluations}
+    pairs = []
+    for (name, test_set), table in by_key.items():
+        parsed = parse_configuration(name)
+        baseline = by_key.get((f"baseline_{parsed.target}", "icg"))
+        if test_set == "icg" and parsed.pathology == "ICG" and baseline is not None:
+            pairs.append((name, table, baseline))
+    if not pairs:
+        return False
+    labels = [SPECIES_12.name_to_index(n) for n in ICG_LABELS]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(pairs)
+    for k, (name, xeno, base) in enumerate(pairs):
+        means, sds = [], []
+        for label in labels:
+            deltas = []
+            for subject in np.unique(xeno.subject):
+                a = xeno.scores["dice"][(xeno.subject == subject) & (xeno.label == label)]
+                b = base.scores["dice"][(base.subject == subject) & (base.label == label)]
+                if a.size and b.size:
+                    deltas.append(np.nanmean(a) - np.nanmean(b))
+            means.append(np.mean(deltas) if deltas else np.nan)
+            sds.append(np.std(deltas) if deltas else np.nan)
+        ax.bar(np.arange(len(labels)) + k * width, means, width, yerr=sds, label=name)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, ICG_LABELS, rotation=30)
+    ax.set(ylabel="DSC xeno - baseline (ICG images)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def mean_change(catalog, healthy, sick, label: int) -> np.ndarray | None:
+    """Mean L1 spectrum of a label's pixels in `sick` minus that in `healthy` images."""
+    means = []
+    for records in (healthy, sick):
+        spectra = []
+        for record in [r for r in records if label in r.labels]:
+            example = catalog.read(record)
+            cube = example["cube"][np.asarray(example["labels"]) == label].astype(np.float64)
+            spectra.append((cube / np.abs(cube).sum(-1, keepdims=True)).mean(0))
+        if not spectra:
+            return None
+        means.append(np.mean(spectra, axis=0))
+    return means[1] - means[0]
+
+
+def plot_spectral_changes(config: ml_collections.ConfigDict, path: Path) -> bool:
+    """Mean pathological change of the transferred organs in source and target species."""
+    directions = {}
+    for name in config.configurations:
+        parsed = parse_configuration(name)
+        if parsed.is_projected:
+            directions.setdefault((parsed.pathology, tuple(runs.BANK_RECIPES[
+                parsed.pathology, parsed.source].labels)), set()).update(
+                {parsed.source, parsed.target})
+    if not directions:
+        return False
+    panels = [(pathology, label, sorted(species)) for (pathology, labels), species
+              in directions.items() for label in labels[:3]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    wavelengths = tivita_wavelengths()
+    for ax, (pathology, label_name, species) in zip(axes[0], panels, strict=True):
+        label = SPECIES_12.name_to_index(label_name)
+        state = "malperfusion" if pathology == "malperfusion" else "icg"
+        for sp in species:
+            catalog = runs.catalog_for([sp], config.dataset, config.data_dir,
+                                       ("physiological", state))
+            recipe = runs.BANK_RECIPES.get((pathology, sp))
+            if recipe is not None:  # a source species: the images its projections come from
+                healthy = catalog.filter(species=sp, **recipe.physiological)
+                sick = catalog.filter(species=sp, **recipe.pathological)
+            else:
+                healthy = runs.semantic_images(catalog, sp)
+                sick = catalog.filter(species=sp, perfusion_state=state)
+            change = mean_change(catalog, healthy, sick, label)
+            if change is not None:
+                ax.plot(wavelengths, change, label=sp)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set(title=f"{label_name}: {pathology} - physiological", xlabel="wavelength [nm]",
+               ylabel="mean change of L1 spectrum")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_examples(workdir: Path, evaluations: Sequence[Evaluation], path: Path) -> bool:
+    """False-colour images, labels and each configuration's prediction (saved examples)."""
+    files = sorted((workdir / "scores").glob("*/examples_*.npz"))
+    groups: dict[str, list[tuple[str, Path]]] = {}
+    for file in files:
+        groups.setdefault(file.stem.removeprefix("examples_"), []).append(
+            (file.parent.name, file))
+    if not groups:
+        return False
+    test_set, entries = max(groups.items(), key=lambda kv: len(kv[1]))
+    loaded = [(name, np.load(f)) for name, f in entries]
+    images = loaded[0][1]["rgb"].shape[0]
+    columns = 2 + len(loaded)
+    fig, axes = plt.subplots(images, columns, figsize=(2.6 * columns, 2.2 * images),
+                             squeeze=False)
+    cmap = plt.get_cmap("tab20", SPECIES_12.invalid_index + 1)
+    for i in range(images):
+        first = loaded[0][1]
+        axes[i, 0].imshow(first["rgb"][i])
+        labels = np.where(first["valid"][i], first["labels"][i], SPECIES_12.invalid_index)
+        axes[i, 1].imshow(labels, cmap=cmap, vmin=0, vmax=SPECIES_12.invalid_index,
+                          interpolation="nearest")
+        for k, (name, data) in enumerate(loaded):
+            prediction = np.where(first["valid"][i], data["prediction"][i],
+                                  SPECIES_12.invalid_index)
+            axes[i, 2 + k].imshow(prediction, cmap=cmap, vmin=0, vmax=SPECIES_12.invalid_index,
+                                  interpolation="nearest")
+            if i == 0:
+                axes[i, 2 + k].set_title(name, fontsize=7)
+        if i == 0:
+            axes[i, 0].set_title(f"{test_set} (false colour)", fontsize=7)
+            axes[i, 1].set_title("labels (valid pixels)", fontsize=7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: Path,
+                 evaluations: Sequence[Evaluation]) -> Path:
+    """Writes ``<workdir>/report.md`` (and ``figures/``); returns its path."""
+    figures = workdir / "figures"
+    figures.mkdir(exist_ok=True)
+    trained = sum(runs.is_done(runs.runs_root(workdir, name, o, f))
+                  for name in config.configurations for o in config.outer_folds
+                  for f in config.folds)
+    lines = [
+        "# Xeno-learning study report", "",
+        f"Dataset `{config.dataset}`; configurations {', '.join(config.configurations)}; "
+        f"outer folds {list(config.outer_folds)}, inner folds {list(config.folds)} "
+        f"({trained} trained networks{', quick settings' if config.quick else ''}). "
+        "Scores are class-level (image, then subject, then class) with 95% subject-bootstrap "
+        "intervals (1000 resamples); DSC and NSD count only valid (annotated) pixels.", "",
+        "## Key results", "", markdown_table(key_rows(evaluations)), "",
+    ]
+    differences = difference_rows(evaluations)
+    if differences:
+        lines += ["## Xeno-learning minus baseline", "", markdown_table(differences), ""]
+    for test_set in dict.fromkeys(e.test_set for e in evaluations):
+        lines += [f"## Test set `{test_set}`", "", "DSC:", "",
+                  class_table(evaluations, test_set, "dice"), ""]
+        if any(e.test_set == test_set and "nsd" in e.table.scores for e in evaluations):
+            lines += ["NSD:", "", class_table(evaluations, test_set, "nsd"), ""]
+    plots = [
+        ("DSC against StO2 (kidney)", "dsc_vs_sto2.png",
+         lambda p: plot_dsc_against_sto2(evaluations, p)),
+        ("ICG improvement per organ", "icg_improvement.png",
+         lambda p: plot_icg_improvement(evaluations, p)),
+        ("Mean pathological change of the transferred organs", "spectral_changes.png",
+         lambda p: plot_spectral_changes(config, p)),
+        ("Example predictions", "examples.png",
+         lambda p: plot_examples(workdir, evaluations, p)),
+    ]
+    lines += ["## Figures", ""]
+    for title, file, plot in plots:
+        if plot(figures / file):
+            lines += [f"### {title}", "", f"![{title}](figures/{file})", ""]
+    path = workdir / "report.md"
+    with atomic_write(path, text=True) as f:
+        f.write("\n".join(lines))
+    return path

@@ -1,0 +1,181 @@
+"""The xeno-learning study: build, learn projections, train, evaluate, report.
+
+``run_study(config, workdir)`` walks through the stages below and skips what already exists, so
+an interrupted study resumes where it stopped and a repeated one reuses everything:
+
+1. datasets of every species involved (built when missing);
+2. projection banks of the projected configurations (method.md A2);
+3. the training runs: configurations x outer folds x inner folds (nested cross-validation,
+   method.md A8), each in ``<workdir>/runs/<configuration>/outer_<i>/fold_<k>``;
+4. evaluation (method.md C3): each test set scored with its fold ensemble into
+   ``<workdir>/scores/<configuration>/<test set>.npz``;
+5. the report ``<workdir>/report.md`` with its tables and figures.
+
+Test sets of a configuration with target species T:
+
+- ``physiological``: T's outer test sets, each with the ensemble of that outer fold's models;
+- ``cross_species``: every other species' physiological images, ensemble of all T's models;
+- ``malperfusion`` / ``icg``: T's malperfused (e.g. kidney) or ICG images, all models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+from xeno_jax.evaluate import ScoreTable, class_level
+from xeno_jax.study import runs
+from xeno_jax.study.configurations import SPECIES, parse_configuration, run_config
+
+TEST_SETS = ("physiological", "cross_species", "malperfusion", "icg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One configuration scored on one test set."""
+
+    configuration: str
+    test_set: str
+    table: ScoreTable
+
+
+def run_configs(config: ml_collections.ConfigDict, configuration: str
+                ) -> list[tuple[int, int, ml_collections.ConfigDict]]:
+    """(outer, fold, run config) of every training run of a configuration in the study."""
+    base = run_config(configuration, quick=config.quick, dataset=config.dataset)
+    with base.unlocked():
+        base.data.data_dir = str(config.data_dir)
+        for section, overrides in config.overrides.items():
+            for key, value in overrides.items():
+                if value is not None:  # unset placeholders keep the configuration's value
+                    base[section][key] = value
+    return [(outer, fold, runs.train_config_of(base, outer, fold))
+            for outer in config.outer_folds for fold in config.folds]
+
+
+def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) -> list[str]:
+    needed = set()
+    for name in configurations:
+        parsed = parse_configuration(name)
+        needed |= {parsed.target, *parsed.extra_species}
+        if parsed.source:
+            needed.add(parsed.source)
+    if "cross_species" in test_sets:
+        needed |= set(SPECIES)
+    return sorted(needed)
+
+
+def train_all(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Trains every run of the study that has not finished."""
+    for configuration in config.configurations:
+        for outer, fold, run in run_configs(config, configuration):
+            directory = runs.runs_root(workdir, configuration, outer, fold)
+            if runs.is_done(directory):
+                logging.info("%s outer %d fold %d: done", configuration, outer, fold)
+                continue
+            logging.info("training %s, outer fold %d, fold %d", configuration, outer, fold)
+            runs.train_run(run, directory)
+
+
+def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str,
+                           workdir: Path) -> list[Evaluation]:
+    """Scores a configuration on its test sets (cached in ``<workdir>/scores``)."""
+    parsed = parse_configuration(configuration)
+    trained = run_configs(config, configuration)
+    folder = workdir / "scores" / configuration
+    results = []
+    models = None
+    for test_set in config.test_sets:
+        path = folder / f"{test_set}.npz"
+        if path.exists():
+            results.append(Evaluation(configuration, test_set, ScoreTable.load(path)))
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        if models is None:  # restore lazily: nothing to do when every table exists
+            models = [(outer, run, runs.restore_variables(
+                run, runs.runs_root(workdir, configuration, outer, fold)))
+                for outer, fold, run in trained]
+        table = _score_test_set(config, parsed, test_set, models, folder)
+        if table is None:
+            continue
+        table.save(path)
+        results.append(Evaluation(configuration, test_set, table))
+    return results
+
+
+def _score_test_set(config, parsed, test_set: str, models, folder: Path) -> ScoreTable | None:
+    """One test set's scores (and example predictions), or None if there are no such images."""
+    data_dir, batch = config.data_dir, config.evaluate_batch_size
+    everyone = runs.predictor([(run, v) for _, run, v in models])
+    if test_set == "physiological":
+        catalog = runs.catalog_for([parsed.target], config.dataset, data_dir)
+        specs = runs.nested_specs(catalog, parsed.target, data_dir, config.dataset)
+        tables = []
+        for outer in sorted({o for o, _, _ in models}):
+            ensemble = runs.predictor([(run, v) for o, run, v in models if o == outer])
+            test = catalog.select(specs[outer].folds[0].test)
+            tables.append(runs.score_images(catalog, test, ensemble, batch))
+            if outer == min(o for o, _, _ in models):
+                runs.save_examples(folder / "examples_physiological.npz", catalog, test, ensemble)
+        return ScoreTable.concatenate(tables)
+    if test_set == "cross_species":
+        others = [s for s in SPECIES if s not in (parsed.target, *parsed.extra_species)]
+        catalog = runs.catalog_for(others, config.dataset, data_dir)
+        images = [r for s in others for r in runs.semantic_images(catalog, s)]
+        return runs.score_images(catalog, images, everyone, batch)
+    if test_set in ("malperfusion", "icg"):
+        catalog = runs.catalog_for([parsed.target], config.dataset, data_dir, (test_set,))
+        images = catalog.filter(perfusion_state=test_set)
+        if not images:
+            return None
+        runs.save_examples(folder / f"examples_{test_set}.npz", catalog, images, everyone)
+        # Pathology tables (C1): DSC only, as the reference's perfusion and ICG scripts.
+        return runs.score_images(catalog, images, everyone, batch, metrics=("dice",))
+    raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
+
+
+def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Runs (or resumes) the study and writes its report; returns the report's path."""
+    from xeno_jax.study.report import write_report  # matplotlib only when reporting
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = set(config.test_sets) - set(TEST_SETS)
+    if unknown:
+        raise ValueError(f"config.test_sets: unknown {sorted(unknown)}; known: {TEST_SETS}")
+    logging.info("stage 1/5: datasets")
+    for species in species_involved(config.configurations, config.test_sets):
+        runs.ensure_dataset(species, config.dataset, config.data_dir)
+    logging.info("stage 2/5: projection banks")
+    for name in config.configurations:
+        parsed = parse_configuration(name)
+        if parsed.is_projected:
+            runs.ensure_bank(parsed.pathology, parsed.source, config.dataset, config.data_dir)
+    logging.info("stage 3/5: training")
+    train_all(config, workdir)
+    logging.info("stage 4/5: evaluation")
+    evaluations = [e for name in config.configurations
+                   for e in evaluate_configuration(config, name, workdir)]
+    logging.info("stage 5/5: report")
+    return write_report(config, workdir, evaluations)
+
+
+def evaluation_table(evaluations: Sequence[Evaluation], configuration: str, test_set: str
+                     ) -> ScoreTable | None:
+    for e in evaluations:
+        if e.configuration == configuration and e.test_set == test_set:
+            return e.table
+    return None
+
+
+def label_mean(table: ScoreTable, label: int, metric: str = "dice") -> float:
+    """Class-level mean of one label (image -> subject -> mean over subjects)."""
+    scores = class_level(table, metric)
+    rows = np.flatnonzero(scores.labels == label)
+    return float(scores.mean[rows[0]]) if rows.size else float("nan")
