@@ -329,3 +329,14 @@ def test_catalog_reports_unknown_images(pig_tiny):
     with pytest.raises(ValueError, match="no split 'malperfused'"):
         Catalog(["pig/sim_micro:malperfused"], data_dir)
     assert jax.device_count() == 8
+
+
+def test_tfds_build_command_works_without_tensorflow(tmp_path):
+    """``python -m data_builders build`` = ``tfds build`` minus the TensorFlow import."""
+    subprocess.run(
+        [sys.executable, "-m", "data_builders", "build", "data_builders/pig",
+         "--config=sim_tiny", "--max_examples_per_split=2", f"--data_dir={tmp_path}",
+         "--file_format=array_record"], check=True, timeout=600, capture_output=True)
+    source = tfds.data_source("pig/sim_tiny", data_dir=str(tmp_path))
+    assert {len(source[split]) for split in source} == {2}
+    assert source["physiological"][0]["cube"].shape == (32, 40, 100)
