@@ -1,0 +1,173 @@
+"""Augmentation pipelines composed from a config list, and the presets of ``method.md`` A4.
+
+A pipeline is a list of steps, each a mapping (a dict or an ml_collections ``ConfigDict``) with a
+``name`` and the keyword arguments of its op::
+
+    [{"name": "affine", "p": 0.5}, {"name": "hflip", "p": 0.25}, {"name": "vflip", "p": 0.25},
+     {"name": "projection", "p": 0.8, "target_labels": ["kidney"]},
+     {"name": "transplant", "p": 0.8}, {"name": "l1_normalize"}]
+
+`build_pipeline` turns it into one pure function ``augment(key, batch, bank=None) -> batch`` over a
+batch dict with ``features`` float32 ``(B, H, W, C)``, ``labels`` int32 ``(B, H, W)`` and ``valid``
+bool ``(B, H, W)`` (other entries pass through). The steps run in order with keys split from
+`key`; afterwards every image left without a valid pixel reverts to its input (features, labels
+and valid mask). The projection step uses the `ProjectionBank` given to `augment` or, failing that,
+the one given to `build_pipeline`; either way the whole pipeline jits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from xeno_jax.augment.geometric import (
+    random_affine,
+    random_horizontal_flip,
+    random_vertical_flip,
+)
+from xeno_jax.augment.spectral import l1_renormalize, project_spectra
+from xeno_jax.augment.transplant import transplant_organs
+from xeno_jax.labels import SPECIES_12, LabelMapping
+from xeno_jax.projections.bank import ProjectionBank
+
+Batch = dict[str, Any]
+
+_MASK_OPS = {
+    "affine": random_affine,
+    "hflip": random_horizontal_flip,
+    "vflip": random_vertical_flip,
+    "transplant": transplant_organs,
+}
+STEP_NAMES = (*_MASK_OPS, "projection", "l1_normalize")
+
+BASELINE = (
+    {"name": "affine", "p": 0.5},
+    {"name": "hflip", "p": 0.25},
+    {"name": "vflip", "p": 0.25},
+    {"name": "transplant", "p": 0.8},
+)
+"""The baseline networks' augmentation (``method.md`` A4)."""
+
+
+def xeno_steps(target_labels: Sequence[str | int]) -> tuple[dict[str, Any], ...]:
+    """The xeno-learning networks' augmentation (``method.md`` A4) for the given target labels.
+
+    Args:
+      target_labels: label names or indices to project, e.g. ``("kidney",)`` for malperfusion or
+        `xeno_jax.labels.ICG_LABELS`.
+    """
+    return (
+        *(dict(step) for step in BASELINE[:3]),
+        {"name": "projection", "p": 0.8, "label_mode": "label_match", "interpolate": True,
+         "target_labels": tuple(target_labels)},
+        {"name": "transplant", "p": 0.8},
+        {"name": "l1_normalize"},
+    )
+
+
+def preset(name: str, **kwargs) -> tuple[dict[str, Any], ...]:
+    """The steps of a named preset: ``"baseline"``, or ``"xeno"`` (needs `target_labels`)."""
+    if name == "baseline" and not kwargs:
+        return tuple(dict(step) for step in BASELINE)
+    if name == "xeno" and set(kwargs) == {"target_labels"}:
+        return xeno_steps(**kwargs)
+    raise ValueError(f"unknown preset {name!r} with arguments {sorted(kwargs)}; expected "
+                     "'baseline' or 'xeno' (target_labels=...)")
+
+
+def build_pipeline(steps: Sequence[Mapping[str, Any]], bank: ProjectionBank | None = None, *,
+                   label_mapping: LabelMapping = SPECIES_12
+                   ) -> Callable[..., Batch]:
+    """Composes augmentation steps into ``augment(key, batch, bank=None) -> batch``.
+
+    Args:
+      steps: step configs (see the module docstring); names in `STEP_NAMES`.
+      bank: the projections for a ``projection`` step, unless given to ``augment``.
+      label_mapping: resolves label names in a projection step's ``target_labels``.
+
+    Returns:
+      The pure, jittable augmentation function.
+
+    Raises:
+      ValueError: for an unknown step name or an argument its op does not take.
+    """
+    ops = [_build_step(i, step, label_mapping) for i, step in enumerate(steps)]
+    projection_steps = [i for i, step in enumerate(steps) if step.get("name") == "projection"]
+    default_bank = bank
+
+    def augment(key: jax.Array, batch: Batch, bank: ProjectionBank | None = None) -> Batch:
+        bank = default_bank if bank is None else bank
+        if projection_steps and bank is None:
+            raise ValueError(f"step {projection_steps[0]} (projection) needs a ProjectionBank: "
+                             "pass it to build_pipeline or to augment")
+        missing = {"features", "labels", "valid"} - set(batch)
+        if missing:
+            raise ValueError(f"the batch lacks {sorted(missing)}; it has {sorted(batch)}")
+        augmented = dict(batch)
+        for op, step_key in zip(ops, jax.random.split(key, len(ops)), strict=True):
+            augmented = op(step_key, augmented, bank)
+        return revert_invalid_images(augmented, batch)
+
+    return augment
+
+
+def revert_invalid_images(augmented: Batch, original: Batch) -> Batch:
+    """Replaces every image without a valid pixel by its original (features, labels, valid)."""
+    empty = ~jnp.any(augmented["valid"], axis=(1, 2))
+    result = dict(augmented)
+    for name in ("features", "labels", "valid"):
+        x = augmented[name]
+        result[name] = jnp.where(empty.reshape((-1,) + (1,) * (x.ndim - 1)), original[name], x)
+    return result
+
+
+def _build_step(index: int, step: Mapping[str, Any], label_mapping: LabelMapping):
+    """One step as ``op(key, batch, bank) -> batch``."""
+    step = dict(step)
+    name = step.pop("name", None)
+    if name not in STEP_NAMES:
+        raise ValueError(f"step {index}: unknown name {name!r}; expected one of {STEP_NAMES}")
+    op = {"projection": project_spectra, "l1_normalize": l1_renormalize}.get(name) or _MASK_OPS[
+        name]
+    accepted = [p.name for p in inspect.signature(op).parameters.values()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(step) - set(accepted))
+    if unknown:
+        raise ValueError(f"step {index} ({name}): unknown arguments {unknown}; {name} takes "
+                         f"{accepted}")
+
+    if name == "l1_normalize":
+        return lambda key, batch, bank: {**batch, "features": l1_renormalize(batch["features"])}
+    if name == "projection":
+        if step.get("target_labels") is not None:
+            step["target_labels"] = _label_indices(index, step["target_labels"], label_mapping)
+
+        def project(key, batch, bank):
+            return {**batch, "features": project_spectra(key, batch["features"],
+                                                          batch["labels"], bank, **step)}
+
+        return project
+
+    def transform(key, batch, bank):
+        features, labels, valid = op(key, batch["features"], batch["labels"], batch["valid"],
+                                     **step)
+        return {**batch, "features": features, "labels": labels, "valid": valid}
+
+    return transform
+
+
+def _label_indices(index: int, labels: Sequence[str | int],
+                   label_mapping: LabelMapping) -> tuple[int, ...]:
+    """Label names or indices -> a sorted tuple of valid indices."""
+    indices = []
+    for label in labels:
+        value = label_mapping.name_to_index(label) if isinstance(label, str) else int(label)
+        if not label_mapping.is_valid(value):
+            raise ValueError(f"step {index} (projection): target label {label!r} is not a valid "
+                             "label of the label mapping")
+        indices.append(value)
+    return tuple(sorted(set(indices)))
