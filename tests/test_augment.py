@@ -441,3 +441,24 @@ def test_images_left_without_valid_pixels_revert_to_their_input(batch):
     np.testing.assert_array_equal(reverted["valid"][1], valid[1])
     np.testing.assert_array_equal(reverted["valid"][3], valid[3])
     np.testing.assert_array_equal(reverted["valid"][2], emptied["valid"][2])
+
+
+def test_merged_geometric_steps_equal_the_steps_one_by_one():
+    """The pipeline composes affine + flips into one gather: labels and masks are identical,
+    features equal up to float rounding (jit may contract the bilinear weights differently)."""
+    rng = np.random.default_rng(5)
+    batch = {"features": jnp.asarray(rng.uniform(0, 1, (6, 9, 11, 4)), jnp.float32),
+             "labels": jnp.asarray(rng.integers(0, 13, (6, 9, 11)), jnp.int32),
+             "valid": jnp.asarray(rng.uniform(size=(6, 9, 11)) < 0.8)}
+    steps = [{"name": "affine", "p": 0.5}, {"name": "hflip", "p": 0.5},
+             {"name": "vflip", "p": 0.5}]
+    key = jax.random.key(3)
+    merged = jax.jit(build_pipeline(steps))(key, batch)
+    expected = (batch["features"], batch["labels"], batch["valid"])
+    for op, step_key, p in zip((random_affine, random_horizontal_flip, random_vertical_flip),
+                               jax.random.split(key, 3), (0.5, 0.5, 0.5), strict=True):
+        expected = op(step_key, *expected, p=p)
+    np.testing.assert_allclose(merged["features"], expected[0], rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(merged["labels"], expected[1])
+    np.testing.assert_array_equal(merged["valid"], expected[2])
+    assert not np.array_equal(merged["features"], batch["features"])  # something moved

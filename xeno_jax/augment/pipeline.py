@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from xeno_jax.augment.geometric import (
+    affine_then_flips,
     random_affine,
     random_horizontal_flip,
     random_vertical_flip,
@@ -96,6 +97,7 @@ def build_pipeline(steps: Sequence[Mapping[str, Any]], bank: ProjectionBank | No
       ValueError: for an unknown step name or an argument its op does not take.
     """
     ops = [_build_step(i, step, label_mapping) for i, step in enumerate(steps)]
+    groups = _group_geometric_runs(steps, ops)
     projection_steps = [i for i, step in enumerate(steps) if step.get("name") == "projection"]
     default_bank = bank
 
@@ -108,11 +110,46 @@ def build_pipeline(steps: Sequence[Mapping[str, Any]], bank: ProjectionBank | No
         if missing:
             raise ValueError(f"the batch lacks {sorted(missing)}; it has {sorted(batch)}")
         augmented = dict(batch)
-        for op, step_key in zip(ops, jax.random.split(key, len(ops)), strict=True):
-            augmented = op(step_key, augmented, bank)
+        keys = jax.random.split(key, len(ops))
+        for start, stop, op in groups:  # every step gets its own key, merged or not
+            augmented = op(keys[start:stop], augmented, bank)
         return revert_invalid_images(augmented, batch)
 
     return augment
+
+
+def _group_geometric_runs(steps: Sequence[Mapping[str, Any]], ops: Sequence[Callable]):
+    """``(start, stop, op(keys, batch, bank))`` per step, with each run of an affine step and the
+    flips after it merged into one `affine_then_flips` (the same result, one gather)."""
+    names = [step.get("name") for step in steps]
+    groups, i = [], 0
+    while i < len(steps):
+        stop = i + (names[i] == "affine")
+        while stop < len(steps) and names[stop] in ("hflip", "vflip"):
+            stop += 1
+        if stop - i >= 2:
+            kwargs = [{k: v for k, v in dict(step).items() if k != "name"}
+                      for step in steps[i:stop]]
+            affine = kwargs[0] if names[i] == "affine" else None
+            flips = list(zip(names[i + (affine is not None):stop],
+                             kwargs[(affine is not None):], strict=True))
+            groups.append((i, stop, _merged_geometric(affine, flips)))
+            i = stop
+        else:
+            groups.append((i, i + 1, lambda keys, batch, bank, op=ops[i]: op(keys[0], batch,
+                                                                             bank)))
+            i += 1
+    return groups
+
+
+def _merged_geometric(affine, flips):
+    def transform(keys, batch, bank):
+        del bank
+        features, labels, valid = affine_then_flips(
+            keys, batch["features"], batch["labels"], batch["valid"], affine=affine, flips=flips)
+        return {**batch, "features": features, "labels": labels, "valid": valid}
+
+    return transform
 
 
 def revert_invalid_images(augmented: Batch, original: Batch) -> Batch:
