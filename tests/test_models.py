@@ -98,8 +98,9 @@ def test_batch_norm_is_synchronised_over_the_data_axis():
         jax.shard_map(functools.partial(apply, synced), mesh=mesh, in_specs=P("data"),
                       out_specs=(P("data"), P()))
     )(x_sharded)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
-    jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), got_stats,
+    # float32 reductions in a different order: outputs of unit scale agree to ~1e-5.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=5e-5)
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6), got_stats,
                  expected_stats)
 
 

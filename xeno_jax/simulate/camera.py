@@ -8,8 +8,8 @@ over a dark level ``D`` with a row fixed pattern and line flicker, shot and read
 quantisation and clipping at 1023, and the cube is the white/dark-calibrated
 ``(DN - D) / (W - D)``.
 
-Sensor noise is drawn as one random byte per value mapped through a 256-level normal quantile
-table: a discretised Gaussian, four times cheaper than exact normals, which dominated the
+Sensor noise is the standardised sum of four random bytes of one 32-bit word per value (Irwin-
+Hall): close to Gaussian, and several times cheaper than exact normals, which dominated the
 simulator's run time.
 """
 
@@ -20,7 +20,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import ndtri
 
 from xeno_jax.simulate.draws import Draws
 from xeno_jax.simulate.materials import NON_TISSUES
@@ -29,8 +28,7 @@ from xeno_jax.spectra.bands import BandGrid
 MAX_COUNT = 1023
 OVERSATURATION_COUNT = 1000  # htc's threshold on raw counts
 
-_QUANTILES = ndtri((np.arange(256) + 0.5) / 256)
-NORMAL_BYTE_TABLE = (_QUANTILES / _QUANTILES.std()).astype(np.float32)
+IRWIN_HALL_SD = float(np.sqrt(4 * (256**2 - 1) / 12))  # of the sum of four uniform bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,37 +109,58 @@ def shading(height_mm, pixel_mm: tuple[float, float], camera: Camera, exponent):
     return lambert, specular
 
 
-def _normal_noise(key, shape):
-    """Discretised standard normal noise from one random byte per value."""
-    c = shape[-1]
-    padded = -(-c // 4) * 4
-    bits = jax.random.bits(key, (*shape[:-1], padded // 4), dtype=jnp.uint32)
-    byte = jnp.stack([(bits >> s) & 0xFF for s in (0, 8, 16, 24)], axis=-1)
-    byte = byte.reshape(*shape[:-1], padded)[..., :c]
-    return jnp.asarray(NORMAL_BYTE_TABLE)[byte]
-
-
-def record(key, observed, camera: Camera):
-    """Simulates the sensor: observed reflectance (H, W, C) -> calibrated cube and saturation.
+def sensor_patterns(key, height: int, width: int, camera: Camera) -> dict:
+    """One recording's white and dark references and gain patterns of the push-broom sensor.
 
     Returns:
-      ``cube`` (H, W, C) float32 calibrated reflectance and ``oversaturated`` (H, W) bool (any
+      ``white`` and ``dark`` counts (H, C), one value per sensor row and band; ``row_gain``
+      (H, C), the across-track fixed pattern; ``line_gain`` (W,), the scan-line flicker.
+    """
+    c = camera.bands.num_bands
+    draws = Draws(key, normals=3 * height * c + width)
+    return {
+        "white": jnp.asarray(white_counts(camera), jnp.float32) * (
+            1 + 0.004 * draws.normal((height, c))),
+        "dark": camera.dark_counts + 8.0 * draws.normal((height, c)),
+        "row_gain": 1 + camera.row_gain_sd * draws.normal((height, c)),
+        "line_gain": 1 + camera.line_gain_sd * draws.normal((width,)),
+    }
+
+
+def _normal_noise(key, shape):
+    """Approximately standard normal noise: the sum of four random bytes, standardised.
+
+    An Irwin-Hall approximation (excess kurtosis -0.3, within 3.5 sigma): one random 32-bit word
+    per value and integer arithmetic only, several times cheaper than exact normals or a
+    quantile-table gather over the 31 million values of a cube.
+    """
+    bits = jax.random.bits(key, shape, dtype=jnp.uint32)
+    total = (bits & 0xFF) + ((bits >> 8) & 0xFF) + ((bits >> 16) & 0xFF) + (bits >> 24)
+    return (total.astype(jnp.float32) - 510.0) * (1.0 / IRWIN_HALL_SD)
+
+
+def expose(key, observed, patterns: dict, camera: Camera):
+    """Records rows of the scene: observed reflectance (R, W, C) -> calibrated cube, saturation.
+
+    Args:
+      key: PRNG key of the sensor noise.
+      observed: what reaches the sensor, as reflectance relative to white.
+      patterns: the `sensor_patterns` rows of these image rows (``white``, ``dark``,
+        ``row_gain`` (R, C) and ``line_gain`` (W,)).
+      camera: the camera.
+
+    Returns:
+      ``cube`` (R, W, C) float32 calibrated reflectance and ``oversaturated`` (R, W) bool (any
       band above 1000 counts).
     """
     if not camera.noise:
         return observed, jnp.zeros(observed.shape[:2], bool)
-    h, w, c = observed.shape
-    k_pattern, k_noise = jax.random.split(key)
-    pattern = Draws(k_pattern, normals=3 * h * c + w)
-    white0 = jnp.asarray(white_counts(camera), jnp.float32)
-    white = white0 * (1 + 0.004 * pattern.normal((h, 1, c)))
-    dark = camera.dark_counts + 8.0 * pattern.normal((h, 1, c))
-    row_gain = 1 + camera.row_gain_sd * pattern.normal((h, 1, c))
-    line_gain = 1 + camera.line_gain_sd * pattern.normal((1, w, 1))
-    signal = (white - dark) * observed * row_gain * line_gain
+    white, dark = patterns["white"][:, None], patterns["dark"][:, None]
+    gain = patterns["row_gain"][:, None] * patterns["line_gain"][None, :, None]
+    signal = (white - dark) * observed * gain
     sigma = jnp.sqrt(jnp.maximum(signal, 0.0) / camera.electrons_per_count
                      + camera.read_noise_counts**2)
-    counts = jnp.clip(jnp.round(dark + signal + sigma * _normal_noise(k_noise, (h, w, c))),
+    counts = jnp.clip(jnp.round(dark + signal + sigma * _normal_noise(key, observed.shape)),
                       0, MAX_COUNT)
     cube = (counts - dark) / (white - dark)
     oversaturated = jnp.any(counts > OVERSATURATION_COUNT, axis=-1)

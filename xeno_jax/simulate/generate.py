@@ -144,6 +144,49 @@ def _absorption_basis(spectra: BandSpectra, peak_shift_nm) -> jnp.ndarray:
                       monomer, aggregate, f32(spectra.mua_baseline)])
 
 
+def _block_rows(height: int, most: int = 32) -> int:
+    """The largest divisor of `height` that is at most `most`: image rows per rendering block."""
+    return max(r for r in range(1, min(height, most) + 1) if height % r == 0)
+
+
+def _render(key, pixels: dict, patterns: dict, basis, background, spectra: BandSpectra,
+            camera: camera_lib.Camera):
+    """Spectra, illumination and sensor, rendered in blocks of image rows.
+
+    Every (H, W, C) value is a function of a few per-pixel inputs; rendered in one piece, XLA on
+    a CPU fuses the per-pixel computations (random fields, shading) into the per-band loop and
+    redoes them for each of the ~100 bands. Over row blocks (`lax.map`) the per-pixel inputs are
+    computed once, and each block's ~2M values stay in cache.
+
+    Returns:
+      ``cube`` (H, W, C) and ``oversaturated`` (H, W).
+    """
+    height = pixels["material"].shape[0]
+    rows = _block_rows(height)
+    blocks = height // rows
+    log_rel = jnp.log(jnp.asarray(spectra.wavelength_nm, jnp.float32) / 500.0)
+    split = lambda x: x.reshape(blocks, rows, *x.shape[1:])
+    pattern_blocks = {k: jnp.broadcast_to(v, (blocks, *v.shape)) if k == "line_gain"
+                      else split(v) for k, v in patterns.items()}
+
+    def render_block(args):
+        block_key, px, pattern = args
+        mua = px["weights"] @ basis
+        log_musp = px["scattering"][..., :1] - px["scattering"][..., 1:] * log_rel
+        tissue = reflectance_from_log_ratio(jnp.log(mua) - log_musp)
+        material = px["material"]
+        non_tissue = jax.nn.one_hot(material - NUM_TISSUES, background.shape[0]) @ background
+        reflectance = jnp.where((material < NUM_TISSUES)[..., None], tissue, non_tissue)
+        observed = (px["illumination"][..., None] * (reflectance + px["surface"][..., None])
+                    + px["specular"][..., None])
+        return camera_lib.expose(block_key, observed, pattern, camera)
+
+    cube, oversaturated = jax.lax.map(
+        render_block, (jax.random.split(key, blocks), jax.tree.map(split, pixels),
+                       pattern_blocks))
+    return cube.reshape(height, *cube.shape[2:]), oversaturated.reshape(height, -1)
+
+
 @functools.partial(jax.jit, static_argnames=("height", "width", "camera"))
 def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
              camera: camera_lib.Camera = camera_lib.Camera()) -> dict:
@@ -201,7 +244,7 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     water = jnp.clip(params["water"], 0.0, 0.95)
     fat = jnp.clip(theta[..., 3], 0.0, 1.0 - water)
 
-    # Optics: mua from the chromophore basis, mus' power law, adding-doubling reflectance.
+    # Per-pixel inputs of the spectral rendering: chromophore weights, scattering, illumination.
     basis = _absorption_basis(spectra, species.icg_peak_shift_nm)
     plasma_icg = blood * (1 - species.hematocrit) * icg
     aggregated = icg / (icg + ICG_AGGREGATION_HALF_MOLAR)
@@ -209,16 +252,9 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
     weights = jnp.stack([hb * saturation, hb * (1 - saturation), water, fat, means[tissue, 6],
                          plasma_icg * (1 - aggregated), plasma_icg * aggregated,
                          jnp.ones_like(hb)], axis=-1)
-    mua = weights @ basis
-    log_rel = jnp.log(jnp.asarray(spectra.wavelength_nm, jnp.float32) / 500.0)
-    log_musp = theta[..., 4:5] - params["scatter_power"][..., None] * log_rel
-    tissue_reflectance = reflectance_from_log_ratio(jnp.log(mua) - log_musp)
+    scattering = jnp.stack([theta[..., 4], params["scatter_power"]], axis=-1)  # log a, b
     background = camera_lib.background_reflectance(draws.uniform((8,)), spectra.wavelength_nm,
                                                    spectra.mua_water)
-    reflectance = jnp.where(is_tissue[..., None], tissue_reflectance,
-                            background[jnp.maximum(material - NUM_TISSUES, 0)])
-
-    # Illumination: shading, vignetting, exposure, wet surface, specular highlights.
     pixel_mm = (FIELD_OF_VIEW_MM[0] / height, FIELD_OF_VIEW_MM[1] / width)
     lambert, highlight = camera_lib.shading(scene["height_mm"], pixel_mm, camera,
                                             exponent=draws.uniform((), 40.0, 250.0))
@@ -231,10 +267,13 @@ def generate(key, spec: Spec, *, height: int = 480, width: int = 640,
         jnp.array([0.01, 0.01, 0.03, 0.6, 0.15, 0.0]),  # order of materials.NON_TISSUES
     ])
     specular = gloss_table[material] * highlight
-    illumination = exposure * vignette * lambert
-    observed = (illumination[..., None] * (reflectance + surface[..., None])
-                + specular[..., None])
-    cube, oversaturated = camera_lib.record(k_sensor, observed, camera)
+    pixels = {"weights": weights, "scattering": scattering, "material": material,
+              "illumination": exposure * vignette * lambert, "surface": surface,
+              "specular": specular}
+    k_pattern, k_noise = jax.random.split(k_sensor)
+    patterns = (camera_lib.sensor_patterns(k_pattern, height, width, camera) if camera.noise
+                else {})
+    cube, oversaturated = _render(k_noise, pixels, patterns, basis, background, spectra, camera)
 
     zero = lambda x: jnp.where(is_tissue, x, 0.0).astype(jnp.float32)
     return {

@@ -115,14 +115,22 @@ def _blob(grid, center, radius, aspect, angle, rectangular, harm_cos, harm_sin):
 
 
 def _polyline_distance(grid, points):
-    """Distance (H, W) from each pixel to a polyline through points (N, 2)."""
-    a, b = points[:-1], points[1:]
-    ab = b - a
-    ap = grid[None] - a[:, None, None, :]
-    t = jnp.clip(jnp.sum(ap * ab[:, None, None, :], -1)
-                 / jnp.maximum(jnp.sum(ab * ab, -1), 1e-6)[:, None, None], 0.0, 1.0)
-    offset = ap - t[..., None] * ab[:, None, None, :]
-    return jnp.sqrt(jnp.min(jnp.sum(offset * offset, -1), axis=0))
+    """Distance (H, W) from each pixel to a polyline through points (N, 2).
+
+    A running minimum over the segments (`lax.scan`), on separate row and column planes.
+    """
+    gy, gx = grid[..., 0], grid[..., 1]
+
+    def nearer(best, segment):
+        (ay, ax), (by, bx) = segment
+        dy, dx = by - ay, bx - ax
+        t = jnp.clip(((gy - ay) * dy + (gx - ax) * dx) / jnp.maximum(dy * dy + dx * dx, 1e-6),
+                     0.0, 1.0)
+        oy, ox = gy - ay - t * dy, gx - ax - t * dx
+        return jnp.minimum(best, oy * oy + ox * ox), None
+
+    best, _ = jax.lax.scan(nearer, jnp.full(gy.shape, jnp.inf), (points[:-1], points[1:]))
+    return jnp.sqrt(best)
 
 
 def _random_paths(draws: Draws, n, start, length, curvature):

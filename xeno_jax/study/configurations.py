@@ -98,13 +98,14 @@ def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small"
         config.evaluate = ml_collections.ConfigDict()
         config.evaluate.batch_size = 8
 
-        if quick:
+        if quick:  # ~4 minutes per network on 2 CPU cores with sim_small
             config.model.variant = "tiny"
-            config.train.epochs = 12
-            config.train.epoch_size = 200
-            config.train.checkpoint_every_steps = 100
+            config.train.epochs = 10
+            config.train.epoch_size = 800  # 1000 steps in all
+            config.train.learning_rate = 3e-3  # a short schedule for a small network
+            config.train.checkpoint_every_steps = 200
             config.train.validate_every_epochs = 1000  # validation only at the end
-            config.train.log_every_steps = 10
+            config.train.log_every_steps = 20
     return config
 
 

@@ -32,6 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     # Channels per resolution level, overriding the variant's; depth = len(widths) - 1 2x
     # downsamplings. Empty: the variant's widths.
     config.model.widths = ()
+    config.model.stem_width = 0  # channels of the 1x1 spectral stem; 0: the variant's
     config.model.norm = "batch"  # "batch" (synchronised over devices) | "group" | "none"
     config.model.dtype = "float32"  # computation dtype: "float32" | "bfloat16"; params float32
     config.model.in_channels = 100  # spectral channels of the input
