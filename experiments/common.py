@@ -1,6 +1,8 @@
 """What every entry point does first: logging, and multi-host set-up when asked."""
 
 import logging
+import os
+from pathlib import Path
 
 import jax
 from absl import flags
@@ -10,9 +12,23 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "coordinator is found from the environment, e.g. on TPU pods and SLURM).")
 
 
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+    """Orbax logs every file of every checkpoint at INFO; its warnings and errors pass."""
+    return record.levelno > logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def start() -> None:
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").addFilter(_not_orbax_info)  # orbax logs through absl.logging
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].platform)
+
+
+def resolve_study(config, workdir: str):
+    """A study config with its data directory defaulting to ``<workdir>/tfds``."""
+    if not config.data_dir:
+        with config.unlocked():
+            config.data_dir = str(Path(workdir).resolve() / "tfds")
+    return config

@@ -16,7 +16,6 @@ from absl import app, flags
 
 from experiments import common
 from experiments.configs import study as study_config
-from experiments.study import resolve
 from xeno_jax.simulate import figures
 from xeno_jax.study.study import run_study
 
@@ -30,7 +29,7 @@ def main(argv):
     if not (workdir / "figures" / "simulator_scenes.png").exists():
         logging.info("rendering the simulator figures")
         figures.render(workdir / "figures")
-    report = run_study(resolve(study_config.get_config("demo"), str(workdir)), workdir)
+    report = run_study(common.resolve_study(study_config.get_config("demo"), str(workdir)), workdir)
     text = report.read_text()
     key = text[text.index("## Key results"):].split("\n## ")[0]
     print("\n" + key.strip() + f"\n\nFull report: {report}\n")

@@ -7,7 +7,6 @@ See experiments/configs/study.py for the configurations, folds and datasets.
 """
 
 import logging
-from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -19,18 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory of the study.", required=True)
 
 
-def resolve(config, workdir: str):
-    """The study config with its data directory defaulting to ``<workdir>/tfds``."""
-    if not config.data_dir:
-        with config.unlocked():
-            config.data_dir = str(Path(workdir).resolve() / "tfds")
-    return config
-
-
 def main(argv):
     del argv
     common.start()
-    report = run_study(resolve(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
+    report = run_study(common.resolve_study(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
     logging.info("report: %s", report)
 
 

@@ -239,7 +239,8 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
                   augment_data=bank, val_fn=validate if val_records else None)
     if jax.process_index() == 0:
         with atomic_write(workdir / DONE_FILE, text=True) as f:
-            json.dump({"configuration": config.configuration, "train_images": len(train_records),
+            json.dump({"configuration": config.configuration, "outer_fold": config.data.outer_fold,
+                       "fold": config.data.fold, "train_images": len(train_records),
                        "step": int(jax.device_get(state.step))}, f)
     return state
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from xeno_jax.evaluate import ScoreTable, class_level
 from xeno_jax.study import runs
-from xeno_jax.study.configurations import SPECIES, parse_configuration, run_config
+from xeno_jax.study.configurations import SPECIES, Configuration, parse_configuration, run_config
 
 TEST_SETS = ("physiological", "cross_species", "malperfusion", "icg")
 
@@ -101,7 +101,9 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
             models = [(outer, run, runs.restore_variables(
                 run, runs.runs_root(workdir, configuration, outer, fold)))
                 for outer, fold, run in trained]
-        table = _score_test_set(config, parsed, test_set, models, folder)
+        table = score_test_set(parsed, test_set, models, dataset=config.dataset,
+                               data_dir=config.data_dir, batch_size=config.evaluate_batch_size,
+                               examples=folder)
         if table is None:
             continue
         table.save(path)
@@ -109,34 +111,49 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
     return results
 
 
-def _score_test_set(config, parsed, test_set: str, models, folder: Path) -> ScoreTable | None:
-    """One test set's scores (and example predictions), or None if there are no such images."""
-    data_dir, batch = config.data_dir, config.evaluate_batch_size
+def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str,
+                   data_dir: str | os.PathLike, batch_size: int,
+                   examples: Path | None = None) -> ScoreTable | None:
+    """One test set's scores, or None if the target species has no such images.
+
+    Args:
+      parsed: the configuration whose models are scored.
+      test_set: one of `TEST_SETS`.
+      models: ``(outer fold, run config, variables)`` of every trained run.
+      dataset, data_dir: the builder config and TFDS directory.
+      batch_size: images per evaluation batch.
+      examples: folder for ``examples_<test set>.npz`` with a few predictions (None: none).
+    """
     everyone = runs.predictor([(run, v) for _, run, v in models])
+
+    def save_examples(catalog, images, predict):
+        if examples is not None:
+            runs.save_examples(examples / f"examples_{test_set}.npz", catalog, images, predict)
+
     if test_set == "physiological":
-        catalog = runs.catalog_for([parsed.target], config.dataset, data_dir)
-        specs = runs.nested_specs(catalog, parsed.target, data_dir, config.dataset)
+        catalog = runs.catalog_for([parsed.target], dataset, data_dir)
+        specs = runs.nested_specs(catalog, parsed.target, data_dir, dataset)
         tables = []
         for outer in sorted({o for o, _, _ in models}):
             ensemble = runs.predictor([(run, v) for o, run, v in models if o == outer])
             test = catalog.select(specs[outer].folds[0].test)
-            tables.append(runs.score_images(catalog, test, ensemble, batch))
+            tables.append(runs.score_images(catalog, test, ensemble, batch_size))
             if outer == min(o for o, _, _ in models):
-                runs.save_examples(folder / "examples_physiological.npz", catalog, test, ensemble)
+                save_examples(catalog, test, ensemble)
         return ScoreTable.concatenate(tables)
     if test_set == "cross_species":
         others = [s for s in SPECIES if s not in (parsed.target, *parsed.extra_species)]
-        catalog = runs.catalog_for(others, config.dataset, data_dir)
+        catalog = runs.catalog_for(others, dataset, data_dir)
         images = [r for s in others for r in runs.semantic_images(catalog, s)]
-        return runs.score_images(catalog, images, everyone, batch)
+        return runs.score_images(catalog, images, everyone, batch_size)
     if test_set in ("malperfusion", "icg"):
-        catalog = runs.catalog_for([parsed.target], config.dataset, data_dir, (test_set,))
+        catalog = runs.catalog_for([parsed.target], dataset, data_dir, (test_set,))
         images = catalog.filter(perfusion_state=test_set)
         if not images:
             return None
-        runs.save_examples(folder / f"examples_{test_set}.npz", catalog, images, everyone)
+        save_examples(catalog, images, everyone)
         # Pathology tables (C1): DSC only, as the reference's perfusion and ICG scripts.
-        return runs.score_images(catalog, images, everyone, batch, metrics=("dice",))
+        return runs.score_images(catalog, images, everyone, batch_size, metrics=("dice",))
     raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
 
 
