@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -110,6 +111,15 @@ def build_tivita(root, data_dir):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
     return builder
+
+
+@pytest.mark.parametrize("species", data_builders.SPECIES)
+def test_builder_folders_follow_the_tfds_convention(species, tmp_path):
+    folder = Path(data_builders.__file__).parent / species
+    assert (folder / f"{species}_dataset_builder.py").exists()
+    assert "## Configs" in (folder / "README.md").read_text()
+    builder = data_builders.builder_class(species)(config="sim_tiny", data_dir=str(tmp_path))
+    assert "doi = {10.1038/s41551-025-01585-4}" in " ".join(builder.info.citation.split())
 
 
 def test_tivita_ingestion(tmp_path):

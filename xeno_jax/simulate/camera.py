@@ -8,9 +8,9 @@ over a dark level ``D`` with a row fixed pattern and line flicker, shot and read
 quantisation and clipping at 1023, and the cube is the white/dark-calibrated
 ``(DN - D) / (W - D)``.
 
-Sensor noise is the standardised sum of four random bytes of one 32-bit word per value (Irwin-
-Hall): close to Gaussian, and several times cheaper than exact normals, which dominated the
-simulator's run time.
+Sensor noise is the standardised sum of four random 4-bit values, 16 random bits per value
+(Irwin-Hall): close to Gaussian, and several times cheaper than exact normals, which dominated
+the simulator's run time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from xeno_jax.spectra.bands import BandGrid
 MAX_COUNT = 1023
 OVERSATURATION_COUNT = 1000  # htc's threshold on raw counts
 
-IRWIN_HALL_SD = float(np.sqrt(4 * (256**2 - 1) / 12))  # of the sum of four uniform bytes
+IRWIN_HALL_SD = float(np.sqrt(4 * (16**2 - 1) / 12))  # of the sum of four uniform 4-bit values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +128,19 @@ def sensor_patterns(key, height: int, width: int, camera: Camera) -> dict:
 
 
 def _normal_noise(key, shape):
-    """Approximately standard normal noise: the sum of four random bytes, standardised.
+    """Approximately standard normal noise: the sum of four random 4-bit values, standardised.
 
-    An Irwin-Hall approximation (excess kurtosis -0.3, within 3.5 sigma): one random 32-bit word
-    per value and integer arithmetic only, several times cheaper than exact normals or a
-    quantile-table gather over the 31 million values of a cube.
+    An Irwin-Hall approximation (61 levels 0.11 sigma apart, excess kurtosis -0.3, within 3.3
+    sigma): 16 random bits per value, two values per 32-bit word, summed with integer masks.
+    Several times cheaper than exact normals over the 31 million values of a cube, where the
+    random bits are most of the sensor model's cost.
     """
-    bits = jax.random.bits(key, shape, dtype=jnp.uint32)
-    total = (bits & 0xFF) + ((bits >> 8) & 0xFF) + ((bits >> 16) & 0xFF) + (bits >> 24)
-    return (total.astype(jnp.float32) - 510.0) * (1.0 / IRWIN_HALL_SD)
+    *rows, last = shape
+    words = jax.random.bits(key, (*rows, (last + 1) // 2), dtype=jnp.uint32)
+    pairs = (words & 0x0F0F0F0F) + ((words >> 4) & 0x0F0F0F0F)  # bytes: sums of two nibbles
+    sums = (pairs & 0x00FF00FF) + ((pairs >> 8) & 0x00FF00FF)  # 16-bit halves: of four
+    total = jnp.stack([sums & 0xFFFF, sums >> 16], axis=-1).reshape(*rows, -1)[..., :last]
+    return (total.astype(jnp.float32) - 30.0) * (1.0 / IRWIN_HALL_SD)
 
 
 def expose(key, observed, patterns: dict, camera: Camera):
