@@ -9,7 +9,9 @@ For each model, in one run with the repetitions of the three modes interleaved:
   preset with the projection step for kidney; a bank of 60 maps) inside the step;
 - ``step+augment+pipeline``: as `train` runs: every batch from `xeno_jax.data.train_iterator`
   (label-balanced sampler, grain reader threads, L1 normalisation, device placement) over a
-  simulated pig dataset, with the augmentation, one scalar read per step (the NaN guard).
+  simulated pig dataset, with the augmentation, one scalar read per step (the NaN guard);
+- ``augment alone``: the augmentation pipeline jitted on its own on the same batch, for
+  comparison with what it adds inside the step.
 
 Models: ``quick`` (the tiny U-Net of the demo on 8 x 64 x 80 x 100 batches of pig sim_small)
 and ``default`` (the default U-Net on 8 x 480 x 640 x 100, a full-size simulated pig set that
@@ -18,7 +20,7 @@ second and the overhead of the augmentations and of the pipeline as ratios to ``
 CPU host the pipeline's threads compete with the step for the same cores; on an accelerator
 they overlap with it. The issue's target: pipeline and augmentations add < 10 %.
 
-    python experiments/benchmarks/train.py                    # both models; CPU: ~20 min
+    python experiments/benchmarks/train.py                    # both models; CPU: ~30 min
     python experiments/benchmarks/train.py --models=quick     # CPU: ~2 min
     python experiments/benchmarks/train.py --models=default --steps=2 --repeats=2
 """
@@ -54,7 +56,7 @@ from xeno_jax.train.parallel import (
 )
 from xeno_jax.train.step import train_step
 
-MODES = ("step", "step+augment", "step+augment+pipeline")
+MODES = ("step", "step+augment", "step+augment+pipeline", "augment alone")
 MODELS = ("quick", "default")
 
 
@@ -103,6 +105,7 @@ def benchmark(name: str, args) -> dict[str, list[float]]:
         mesh, donate=True)
     bank = put_replicated(random_bank(config.model.in_channels, args.bank_pairs), mesh)
     fixed = shard_batch(next(iterator), mesh)
+    augment_alone = jax.jit(build_pipeline(preset("xeno", target_labels=MALPERFUSED_LABELS)))
     shape = "x".join(str(s) for s in fixed["features"].shape)
     print(f"\n{name}: {config.model.variant} U-Net, batches {shape}, {len(mesh.devices.flat)} "
           f"device(s), {len(records)} training images")
@@ -115,8 +118,11 @@ def benchmark(name: str, args) -> dict[str, list[float]]:
                 state, metrics = plain(state, fixed, None)
             elif mode == "step+augment":
                 state, metrics = augmented(state, fixed, bank)
-            else:
+            elif mode == "step+augment+pipeline":
                 state, metrics = augmented(state, shard_batch(next(iterator), mesh), bank)
+            else:
+                jax.block_until_ready(augment_alone(jax.random.key(0), fixed, bank))
+                continue
             fetch_replicated(metrics["finite"])  # the loop's per-step read
         jax.block_until_ready(state)
         return (time.perf_counter() - start) / steps
@@ -140,7 +146,7 @@ def report(name: str, seconds: dict[str, list[float]], batch_size: int, device: 
     for mode in MODES:
         values = np.array(seconds[mode])
         ratios = values / base
-        print(f"  {mode:<23} {np.median(values):8.3f} s/step [{device}]  "
+        print(f"  {mode:<23} {np.median(values):8.3f} s/batch [{device}]  "
               f"{batch_size / np.median(values):7.1f} images/s   "
               f"/ step: {np.median(ratios):.3f} [{ratios.min():.3f}, {ratios.max():.3f}]")
     overhead = np.median(np.array(seconds["step+augment+pipeline"]) / base) - 1

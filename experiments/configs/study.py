@@ -1,6 +1,6 @@
 """The xeno-learning study (method.md A3 configurations, C3 evaluation).
 
-Arguments: ``full`` (default: the paper's 10 configurations, 3 outer x 5 inner folds) or ``demo``
+Arguments: ``full`` (default: the paper's 11 configurations, 3 outer x 5 inner folds) or ``demo``
 (baseline_human and projected-malperfusion_pig2human, one fold, quick CPU settings), then
 optionally ``,quick`` and a dataset config (``sim_small`` default, ``sim_full``, ``tivita``)::
 
