@@ -98,14 +98,12 @@ def benchmark(name: str, args) -> dict[str, list[float]]:
     setup = training_setup(config, model, mesh)
     state = setup.init_state()
     step = functools.partial(train_step, model=model, optimizer=setup.optimizer)
+    augment = build_pipeline(preset("xeno", target_labels=MALPERFUSED_LABELS))
     plain = data_parallel(step, mesh, donate=True)
-    augmented = data_parallel(
-        functools.partial(step, augment=build_pipeline(preset("xeno",
-                                                              target_labels=MALPERFUSED_LABELS))),
-        mesh, donate=True)
+    augmented = data_parallel(functools.partial(step, augment=augment), mesh, donate=True)
+    augment_alone = jax.jit(augment)
     bank = put_replicated(random_bank(config.model.in_channels, args.bank_pairs), mesh)
     fixed = shard_batch(next(iterator), mesh)
-    augment_alone = jax.jit(build_pipeline(preset("xeno", target_labels=MALPERFUSED_LABELS)))
     shape = "x".join(str(s) for s in fixed["features"].shape)
     print(f"\n{name}: {config.model.variant} U-Net, batches {shape}, {len(mesh.devices.flat)} "
           f"device(s), {len(records)} training images")
