@@ -22,7 +22,7 @@ def atomic_write(path: str | os.PathLike, *, text: bool = False) -> Iterator[IO]
 
     Args:
       path: the file to write; its folder must exist.
-      text: open in UTF-8 text mode instead of binary mode.
+      text: open in UTF-8 text mode instead of binary read-write mode.
 
     Yields:
       The open temporary file.
@@ -32,7 +32,8 @@ def atomic_write(path: str | os.PathLike, *, text: bool = False) -> Iterator[IO]
         raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        with open(temporary, "x" if text else "xb", encoding="utf-8" if text else None) as f:
+        # Binary files are readable too: h5py reads back what it has written.
+        with open(temporary, "x" if text else "x+b", encoding="utf-8" if text else None) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -27,7 +27,6 @@ import dataclasses
 import json
 import os
 import re
-import secrets
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import h5py
 import jax
 import numpy as np
 
+from xeno_jax.io import atomic_write
 from xeno_jax.labels import LabelMapping
 
 FORMAT = "xeno_jax.ProjectionBank"
@@ -158,34 +158,23 @@ class ProjectionBank:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the bank to an HDF5 file (layout in the module docstring), atomically."""
-        path = Path(path)
-        if not path.parent.is_dir():
-            raise FileNotFoundError(f"{path}: the folder {path.parent} does not exist")
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
         weights, biases, losses = (np.asarray(x, np.float32)
                                    for x in (self.weights, self.biases, self.losses))
-        try:
-            with h5py.File(temporary, "x") as f:
-                f.attrs.update(format=FORMAT, version=VERSION, source_species=self.source_species,
-                               state=self.state, num_channels=self.num_channels)
-                groups = f.create_group("labels")
-                for k, label in enumerate(self.label_indices):
-                    start = self.offsets[k]
-                    part = slice(start, start + self.counts[k])
-                    group = groups.create_group(str(label))
-                    group.attrs["name"] = self.label_names[k]
-                    group.create_dataset("weights", data=weights[part])
-                    group.create_dataset("biases", data=biases[part])
-                    group.create_dataset("losses", data=losses[part])
-                    group.create_dataset("pair_names", data=np.array(self.pair_names[part],
-                                                                     dtype=object).reshape(-1, 2),
-                                         dtype=h5py.string_dtype())
-            with open(temporary, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as file, h5py.File(file, "w") as f:
+            f.attrs.update(format=FORMAT, version=VERSION, source_species=self.source_species,
+                           state=self.state, num_channels=self.num_channels)
+            groups = f.create_group("labels")
+            for k, label in enumerate(self.label_indices):
+                start = self.offsets[k]
+                part = slice(start, start + self.counts[k])
+                group = groups.create_group(str(label))
+                group.attrs["name"] = self.label_names[k]
+                group.create_dataset("weights", data=weights[part])
+                group.create_dataset("biases", data=biases[part])
+                group.create_dataset("losses", data=losses[part])
+                group.create_dataset("pair_names", data=np.array(self.pair_names[part],
+                                                                 dtype=object).reshape(-1, 2),
+                                     dtype=h5py.string_dtype())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ProjectionBank:
