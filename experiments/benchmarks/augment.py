@@ -39,6 +39,15 @@ def voronoi_labels(rng: np.random.Generator, batch: int, height: int, width: int
     return maps
 
 
+def near_identity_bank(rng: np.random.Generator, labels, pairs: int, channels: int
+                       ) -> ProjectionBank:
+    """`pairs` random maps near the identity per label (the cost does not depend on the values)."""
+    return ProjectionBank.from_pairs({
+        label: (np.eye(channels) + 0.01 * rng.standard_normal((pairs, channels, channels)),
+                1e-4 * rng.standard_normal((pairs, channels)))
+        for label in labels})
+
+
 def matmul_rate(size: int, repeats: int) -> float:
     """float32 flops per second of a jitted ``(size, size) @ (size, size)`` product."""
     a = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
@@ -89,12 +98,7 @@ def main():
     labels = jnp.asarray(voronoi_labels(rng, args.batch, args.height, args.width))
     features = jax.random.uniform(jax.random.key(0),
                                   (args.batch, args.height, args.width, channels)) / channels
-    noise = 0.01 * rng.standard_normal((12, args.pairs, channels, channels))
-    bank = ProjectionBank.from_pairs(
-        {label: (np.eye(channels) + noise[label], 1e-4 * rng.standard_normal((args.pairs,
-                                                                               channels)))
-         for label in range(12)})
-    bank = jax.device_put(bank)
+    bank = jax.device_put(near_identity_bank(rng, range(12), args.pairs, channels))
 
     print(f"devices: {jax.devices()}; batch {args.batch} x {args.height} x {args.width} x "
           f"{channels}, {args.pairs} pairs per label, tile {args.tile_size} pixels")

@@ -37,12 +37,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from experiments.benchmarks.augment import near_identity_bank
 from experiments.benchmarks.input_pipeline import DATASET, SPLIT, build_dataset, load_average
 from xeno_jax.augment import build_pipeline, preset
 from xeno_jax.data import Catalog, train_iterator
 from xeno_jax.labels import MALPERFUSED_LABELS, SPECIES_12
 from xeno_jax.models import build_model
-from xeno_jax.projections import ProjectionBank
 from xeno_jax.study import runs
 from xeno_jax.train import default_config
 from xeno_jax.train.loop import training_setup
@@ -66,15 +66,6 @@ def model_config(name: str) -> ml_collections.ConfigDict:
         config.model.variant = "tiny" if name == "quick" else "default"
         config.train.batch_size = 8
     return config
-
-
-def random_bank(channels: int, pairs: int, seed: int = 0) -> ProjectionBank:
-    """A bank of near-identity maps for the kidney (the cost does not depend on the values)."""
-    rng = np.random.default_rng(seed)
-    weights = np.eye(channels) + 0.01 * rng.standard_normal((pairs, channels, channels))
-    biases = 1e-4 * rng.standard_normal((pairs, channels))
-    kidney = SPECIES_12.name_to_index("kidney")
-    return ProjectionBank.from_pairs({kidney: (weights, biases)}, label_names={kidney: "kidney"})
 
 
 def dataset_records(name: str, data_dir: Path) -> tuple[Catalog, list]:
@@ -102,7 +93,9 @@ def benchmark(name: str, args) -> dict[str, list[float]]:
     plain = data_parallel(step, mesh, donate=True)
     augmented = data_parallel(functools.partial(step, augment=augment), mesh, donate=True)
     augment_alone = jax.jit(augment)
-    bank = put_replicated(random_bank(config.model.in_channels, args.bank_pairs), mesh)
+    kidney = SPECIES_12.name_to_index("kidney")
+    bank = put_replicated(near_identity_bank(np.random.default_rng(0), [kidney], args.bank_pairs,
+                                             config.model.in_channels), mesh)
     fixed = shard_batch(next(iterator), mesh)
     shape = "x".join(str(s) for s in fixed["features"].shape)
     print(f"\n{name}: {config.model.variant} U-Net, batches {shape}, {len(mesh.devices.flat)} "
