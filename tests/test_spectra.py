@@ -11,7 +11,7 @@ from xeno_jax.spectra import optics
 from xeno_jax.spectra.chromophores import chromophore_table
 
 
-# Anchor values from ../shared/data/README.md ("Anchor values for tests").
+# Anchor values from xeno_jax/spectra/data/README.md ("Anchor values for tests").
 @pytest.mark.parametrize(
     "column, wavelength, value",
     [
