@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 import data_builders
 from data_builders.species_builder import SIM_SMALL, TIVITA, SimulatedSet, SpeciesBuilder
+from data_builders.tivita_data import InvalidDataError
 from xeno_jax import simulate
 from xeno_jax.data import (
     Catalog,
@@ -150,9 +151,9 @@ def test_tivita_missing_files_are_listed(tmp_path):
     images = tivita.discover_images(root)
     images[0].cube_path.unlink()
     images[2].annotation_path.unlink()
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(InvalidDataError) as error:
         build_tivita(root, tmp_path / "tfds")
-    assert "2 files" in str(error.value)
+    assert "2 of 4 images" in str(error.value)
     assert str(images[0].cube_path) in str(error.value)
     assert str(images[2].annotation_path) in str(error.value)
 
