@@ -102,17 +102,6 @@ class SpeciesConfig(tfds.core.BuilderConfig):
       paper_counts: simulate the paper's numbers of subjects and images (``sim_full``).
       max_images_per_subject: cap on each subject's images in a set (keeps every subject).
       max_images_per_set: cap on the images of each simulated set (tests, previews).
-      images: real data: the image names to build (``<subject>#<timestamp>[#overlap]
-        [@<annotation>]``); empty: every image.
-      annotations: real data: annotation names to keep (``annotation_labels``); the first gives
-        ``labels``. Empty: each image's ``@`` suffix or ``annotation_name_default``.
-      cube_source: real data: ``auto`` (the L1 files if every image has one, else ``.dat``),
-        ``L1`` or ``dat``.
-      label_aliases: real data: dataset label name -> 12-class name.
-      ignored_labels: real data: dataset label names that become invalid (besides
-        `tivita.OTHER_LABELS`).
-      ignored_label_ids: real data: ids no name maps that may occur in masks (become invalid).
-      skip_invalid: real data: build without bad images (recorded) instead of failing.
     """
 
     source: str = "simulated"
@@ -121,13 +110,6 @@ class SpeciesConfig(tfds.core.BuilderConfig):
     paper_counts: bool = False
     max_images_per_subject: int | None = None
     max_images_per_set: int | None = None
-    images: tuple[str, ...] = ()
-    annotations: tuple[str, ...] = ()
-    cube_source: str = "auto"
-    label_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
-    ignored_labels: tuple[str, ...] = ()
-    ignored_label_ids: tuple[int, ...] = ()
-    skip_invalid: bool = False
 
 
 SIM_SMALL = SpeciesConfig(name="sim_small", height=64, width=80,
@@ -141,10 +123,6 @@ SIM_TINY = SpeciesConfig(name="sim_tiny", height=32, width=40, max_images_per_su
 TIVITA = SpeciesConfig(name="tivita", source="tivita", description="Real Tivita data from "
                        "manual_dir, in the reference (htc) dataset layout; the image size is "
                        "the cubes' (480 x 640 for the camera).")
-REAL_DATA_OPTIONS = ("images", "annotations", "cube_source", "label_aliases", "ignored_labels",
-                     "ignored_label_ids", "skip_invalid")
-"""The `SpeciesConfig` fields of real data (command-line options of the build commands)."""
-
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 For the `tivita` config, point `manual_dir` at a dataset in the reference (htc) layout:
 
@@ -175,6 +153,8 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     SPECIES: str = ""
+    DEFAULT_REAL_DATA = tivita_data.RealDataOptions()
+    """Real-data options of builders made without `real_data` (set by the build command)."""
     SUBJECT_FORMAT: str = "S{:03d}"
     FIRST_RECORDING = datetime.datetime(2021, 1, 1, 9, 0, 0)
 
@@ -185,6 +165,11 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def paper_sets(self) -> list[SimulatedSet]:
         """The experiments of ``sim_full`` (the paper's structure and counts)."""
         raise NotImplementedError
+
+    def __init__(self, *, real_data: tivita_data.RealDataOptions | None = None, **kwargs):
+        """Args: real_data: options of the ``tivita`` build; kwargs: TFDS's."""
+        self.real_data = real_data or self.DEFAULT_REAL_DATA
+        super().__init__(**kwargs)
 
     # -- TFDS interface ---------------------------------------------------------------------
 
@@ -344,12 +329,7 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # -- real Tivita data ---------------------------------------------------------------------
 
     def _tivita_splits(self, root: Path):
-        config = self.builder_config
-        plan = tivita_data.plan_build(
-            root, images=config.images, annotations=config.annotations,
-            cube_source=config.cube_source, label_aliases=config.label_aliases,
-            ignored_labels=config.ignored_labels, ignored_label_ids=config.ignored_label_ids,
-            skip_invalid=config.skip_invalid)
+        plan = tivita_data.plan_build(root, self.real_data)
         settings = tivita.read_dataset_settings(root)
         plan.splits_left = set(plan.splits)
         self.info.metadata.update(plan.metadata())

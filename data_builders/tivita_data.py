@@ -53,6 +53,65 @@ NO_PARAMETER_IMAGES = np.full((1, 1, 2), np.nan, np.float16)
 back one of shape (1, 1, 1))."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RealDataOptions:
+    """Options of a real-data build (command line: `parse_options`).
+
+    Attributes:
+      images: image names to build (``<subject>#<timestamp>[#overlap][@<annotation>]``);
+        empty: every image folder.
+      annotations: annotation names to keep (``annotation_labels``); the first gives ``labels``.
+        Empty: each image's ``@`` suffix or the settings' ``annotation_name_default``.
+      cube_source: ``auto`` (the L1 files if every image has one, else ``.dat``), ``L1``, ``dat``.
+      label_aliases: dataset label name -> 12-class name (`tivita.label_table`).
+      ignored_labels: dataset label names that become invalid (besides `tivita.OTHER_LABELS`).
+      ignored_label_ids: ids no name maps that may occur in masks (they become invalid).
+      skip_invalid: build without bad images (recorded in the metadata) instead of failing.
+    """
+
+    images: tuple[str, ...] = ()
+    annotations: tuple[str, ...] = ()
+    cube_source: str = "auto"
+    label_aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    ignored_labels: tuple[str, ...] = ()
+    ignored_label_ids: tuple[int, ...] = ()
+    skip_invalid: bool = False
+
+    def __post_init__(self):
+        if self.cube_source not in ("auto", "L1", "dat"):
+            raise ValueError(f"cube_source must be auto, L1 or dat, got {self.cube_source!r}")
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(RealDataOptions))
+
+
+def parse_options(options: Mapping[str, str]) -> RealDataOptions:
+    """Command-line text -> options: comma lists, ``name:12_class_name`` pairs, true/false."""
+    unknown = set(options) - set(OPTION_NAMES)
+    if unknown:
+        raise ValueError(f"unknown real-data options {sorted(unknown)}; known: {OPTION_NAMES}")
+    values: dict[str, Any] = {}
+    for key, text in options.items():
+        items = [t.strip() for t in str(text).split(",") if t.strip()]
+        if key == "skip_invalid":
+            if str(text).lower() not in ("true", "false", "1", "0", ""):
+                raise ValueError(f"skip_invalid must be true or false, got {text!r}")
+            values[key] = str(text).lower() in ("true", "1", "")
+        elif key == "cube_source":
+            values[key] = str(text)
+        elif key == "label_aliases":
+            pairs = [item.partition(":") for item in items]
+            bad = [a for a, sep, b in pairs if not (a and sep and b)]
+            if bad:
+                raise ValueError(f"label_aliases: expected name:12_class_name pairs, got {bad}")
+            values[key] = {a: b for a, _, b in pairs}
+        elif key == "ignored_label_ids":
+            values[key] = tuple(int(i) for i in items)
+        else:
+            values[key] = tuple(items)
+    return RealDataOptions(**values)
+
+
 class InvalidDataError(ValueError):
     """Images of a real dataset failed the checks; the message lists every one and why."""
 
@@ -166,31 +225,22 @@ class Plan:
                 + "\n  ".join(lines))
 
 
-def plan_build(root: Path, *, images: Sequence[str] = (), annotations: Sequence[str] = (),
-               cube_source: str = "auto", label_aliases: Mapping[str, str] | None = None,
-               ignored_labels: Sequence[str] = (), ignored_label_ids: Sequence[int] = (),
-               skip_invalid: bool = False) -> Plan:
+def plan_build(root: Path, options: RealDataOptions = RealDataOptions()) -> Plan:
     """Checks everything but the cube values; see the module docstring.
 
     Args:
       root: the dataset (``manual_dir``).
-      images: image names to build (``<subject>#<timestamp>[#overlap][@<annotation>]``);
-        empty: every image folder.
-      annotations: annotation names to keep; the first gives ``labels``. Empty: each image's
-        ``@`` suffix or the settings' ``annotation_name_default``.
-      cube_source: ``auto``, ``L1`` or ``dat``.
-      label_aliases, ignored_labels, ignored_label_ids: see `tivita.label_table`.
-      skip_invalid: build without bad images instead of failing.
+      options: what to build.
 
     Raises:
       ValueError: for problems of the whole dataset (settings, unknown label names, mixed
         cube sizes, no images).
     """
-    if cube_source not in ("auto", "L1", "dat"):
-        raise ValueError(f"cube_source must be auto, L1 or dat, got {cube_source!r}")
+    images, annotations = options.images, options.annotations
     settings = tivita.read_dataset_settings(root)
-    table = tivita.label_table(settings["label_mapping"], SPECIES_12, aliases=label_aliases,
-                               ignored=ignored_labels, ignored_ids=ignored_label_ids,
+    table = tivita.label_table(settings["label_mapping"], SPECIES_12,
+                               aliases=options.label_aliases, ignored=options.ignored_labels,
+                               ignored_ids=options.ignored_label_ids,
                                source=str(root / "data" / tivita.SETTINGS_FILE))
     found = ([tivita.TivitaImage.from_name(root, n) for n in images] if images
              else tivita.discover_images(root))
@@ -228,7 +278,8 @@ def plan_build(root: Path, *, images: Sequence[str] = (), annotations: Sequence[
             problems.setdefault(image.image_name, []).append(problem)
     good = [image for image, _ in planned if image.image_name not in problems]
     has_l1 = [image.l1_path.is_file() for image in good]
-    chosen = {"auto": "L1" if good and all(has_l1) else "dat"}.get(cube_source, cube_source)
+    chosen = {"auto": "L1" if good and all(has_l1) else "dat"}.get(options.cube_source,
+                                                                  options.cube_source)
     if chosen == "L1":
         for image, present in zip(good, has_l1, strict=True):
             if not present:
@@ -241,7 +292,7 @@ def plan_build(root: Path, *, images: Sequence[str] = (), annotations: Sequence[
         except ValueError as e:
             problems.setdefault(good[0].image_name, []).append(_short(e))
     return Plan(root=root, images=planned, problems=problems, warnings={}, size=size,
-                cube_source=chosen, table=table, skip_invalid=skip_invalid, num_found=len(found),
+                cube_source=chosen, table=table, skip_invalid=options.skip_invalid, num_found=len(found),
                 annotation_names=tuple(annotations) or (settings.get("annotation_name_default")
                                                         or "",),
                 parameter_names=parameter_names)
