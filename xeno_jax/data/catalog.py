@@ -98,12 +98,17 @@ class Catalog:
                            ) from None
 
     def select(self, image_names: Sequence[str]) -> list[Record]:
-        """Records of the given names, in order; all unknown names are reported at once."""
-        missing = [n for n in image_names if n not in self._by_name]
+        """Records of the given names, in order; all unknown names are reported at once.
+
+        A reference name's annotation suffix (``P041#2019_12_14_12_00_00@semantic#primary``)
+        is dropped: the dataset was built with the annotation it names.
+        """
+        names = [n if n in self._by_name else n.partition("@")[0] for n in image_names]
+        missing = [n for n in names if n not in self._by_name]
         if missing:
             raise KeyError(f"{len(missing)} images are in none of "
                            f"{[str(r) for r in self.refs]}: {missing[:10]}")
-        return [self._by_name[n] for n in image_names]
+        return [self._by_name[n] for n in names]
 
     def filter(self, **criteria) -> list[Record]:
         """Records whose fields equal the given values (a sequence value means any of them)."""

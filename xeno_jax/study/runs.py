@@ -98,6 +98,24 @@ def semantic_images(catalog: Catalog, species: str) -> list[Record]:
                           perfusion_state=PHYSIOLOGICAL_SPLIT)
 
 
+def outer_spec(catalog: Catalog, species: str, outer: int, data_dir: str | os.PathLike,
+               dataset: str, spec: str = "") -> DataSpec:
+    """The data spec of one outer fold.
+
+    Args:
+      spec: ``""``: our nested cross-validation (`nested_specs`); a folder: the reference's
+        spec file of the species and outer fold in it (`spec_name`, e.g. the paper's
+        ``pig_semantic-only_5folds_nested-0-2_mapping-12_seed-0.json``); a file: that spec.
+    """
+    if spec:
+        path = Path(os.path.expanduser(spec))
+        return DataSpec.load(path / spec_name(species, outer) if path.is_dir() else path)
+    specs = nested_specs(catalog, species, data_dir, dataset)
+    if not 0 <= outer < len(specs):
+        raise ValueError(f"outer fold {outer}: expected 0..{len(specs) - 1}")
+    return specs[outer]
+
+
 def nested_specs(catalog: Catalog, species: str, data_dir: str | os.PathLike, dataset: str
                  ) -> list[DataSpec]:
     """The species' 3 outer data specs, read from ``<data_dir>/specs`` or made and written."""
@@ -193,18 +211,17 @@ def load_bank(config: ml_collections.ConfigDict) -> ProjectionBank | None:
 def training_images(config: ml_collections.ConfigDict, catalog: Catalog
                     ) -> tuple[list[Record], list[Record]]:
     """Train and validation images of the run's fold (plus the joint model's extra species)."""
-    specs = nested_specs(catalog, config.data.species, data_dir_of(config), config.data.dataset)
-    if not 0 <= config.data.outer_fold < len(specs):
-        raise ValueError(f"config.data.outer_fold={config.data.outer_fold}: expected 0.."
-                         f"{len(specs) - 1}")
-    spec = specs[config.data.outer_fold]
+    spec = outer_spec(catalog, config.data.species, config.data.outer_fold, data_dir_of(config),
+                      config.data.dataset, config.data.get("spec", ""))
     if not 0 <= config.data.fold < len(spec.folds):
         raise ValueError(f"config.data.fold={config.data.fold}: expected 0..{len(spec.folds) - 1}")
     fold = spec.folds[config.data.fold]
     train_records = catalog.select(fold.train)
     for extra in config.data.extra_species:  # train_<species>-p in the reference's spec
         train_records += semantic_images(catalog, extra)
-    return train_records, catalog.select(fold.validation_sets.get("val", []))
+    # The reference makes each val* split its own validation set; the first is the one we use.
+    validation = next(iter(fold.validation_sets.values()), [])
+    return train_records, catalog.select(validation)
 
 
 def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
