@@ -301,3 +301,30 @@ def test_builds_killed_earlier_leave_no_incomplete_folders(tmp_path):
     builder = build(tmp_path / "d", tmp_path / "tfds")
     assert builder.is_prepared() and not stale.exists()
     assert not list((tmp_path / "tfds").glob("**/incomplete.*"))
+
+
+def test_dsc_against_sto2_uses_the_vendors_sto2_when_the_data_has_it(tmp_path):
+    from xeno_jax.data import Catalog
+    from xeno_jax.spectra import sto2
+    from xeno_jax.study.runs import score_images
+
+    rng = np.random.default_rng(8)
+    image = random_image(rng, 6, 8)
+    image["masks"]["semantic#primary"][:] = IDS["kidney"]
+    write_dataset(tmp_path / "plain", {("P001", "t1", False): image})
+    vendor = {"StO2": np.full((6, 8), 0.375, np.float32), "NIR": np.zeros((6, 8), np.float32)}
+    write_dataset(tmp_path / "vendor", {("P001", "t1", False): {**image, "params": vendor}})
+    kidney = 6
+    predict = lambda features: np.eye(12)[np.full(features.shape[:3], kidney)]
+    for folder, expected_vendor in (("plain", 0.0), ("vendor", 1.0)):
+        build(tmp_path / folder, tmp_path / f"tfds_{folder}")
+        catalog = Catalog(["pig/tivita:physiological"], tmp_path / f"tfds_{folder}")
+        table = score_images(catalog, catalog.records, predict, 1, metrics=("dice",))
+        assert table.scores["vendor_sto2"].tolist() == [expected_vendor]
+        median = table.scores["median_sto2"][0]
+        if expected_vendor:
+            assert median == 0.375
+        else:
+            cube = image["cube"].astype(np.float16).astype(np.float32)
+            features = cube / np.abs(cube).sum(-1, keepdims=True)
+            np.testing.assert_allclose(median, np.median(np.asarray(sto2(features))), rtol=1e-4)

@@ -70,6 +70,7 @@ class Catalog:
         self.refs = [d if isinstance(d, DatasetRef) else DatasetRef.parse(d) for d in datasets]
         self.data_dir = Path(data_dir)
         self.sources = []
+        self.parameter_names: list[list[str]] = []  # per source: the vendor's parameter images
         self.records: list[Record] = []
         for number, ref in enumerate(self.refs):
             builder = tfds.builder(ref.name, data_dir=str(self.data_dir))
@@ -78,6 +79,8 @@ class Catalog:
                                  f"{sorted(builder.info.splits)}")
             source = builder.as_data_source(split=ref.split)
             self.sources.append(source)
+            metadata = builder.info.metadata or {}
+            self.parameter_names.append(list(metadata.get("parameter_names", [])))
             cache = Path(builder.data_dir) / f"xeno_index.{ref.split}.json"
             self.records += [Record(**{**row, "labels": tuple(row["labels"])}, source=number)
                              for row in _index(source, cache)]
@@ -125,6 +128,15 @@ class Catalog:
     def read(self, record: Record) -> dict:
         """The decoded example of a record (NumPy arrays)."""
         return self.sources[record.source][record.index]
+
+    def vendor_index(self, record: Record, example: dict, name: str = "StO2"
+                     ) -> np.ndarray | None:
+        """The vendor's parameter image `name` of a real image (float32 (H, W)), if its dataset
+        has the vendor's parameter images (``intermediates/preprocessing/parameter_images``)."""
+        names = self.parameter_names[record.source]
+        if name not in names:
+            return None
+        return np.asarray(example["parameter_images"][..., names.index(name)], np.float32)
 
 
 def _index(source, cache: Path) -> list[dict]:

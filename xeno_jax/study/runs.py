@@ -56,6 +56,8 @@ from xeno_jax.train.parallel import make_mesh
 
 REFERENCE_HEIGHT = 480  # NSD tolerances are in pixels of 480 x 640 images
 DONE_FILE = "done.json"
+STO2_COLUMNS = ("median_sto2", "vendor_sto2")
+"""Score-table columns that describe a region's StO2, not a score."""
 PHYSIOLOGICAL_SPLIT = "physiological"
 
 
@@ -290,7 +292,9 @@ def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_siz
     """Per (image, label) scores of an ensemble on `records`, with each region's median StO2.
 
     NSD tolerances (pixels of 480 x 640 images) are scaled to the images' height; the median
-    StO2 is the Tivita-style index (`xeno_jax.spectra.sto2`) over the region's pixels.
+    StO2 is over the region's pixels of the vendor's StO2 image where the dataset has the
+    vendor's parameter images, else of the open re-implementation (`xeno_jax.spectra.sto2`).
+    The column ``vendor_sto2`` says which: 1 the vendor's, 0 the open one.
     """
     tables = []
     for batch_records, batch in evaluation_batches(catalog, records, batch_size):
@@ -301,14 +305,18 @@ def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_siz
         results = evaluate_images(np.argmax(probabilities, -1), labels, valid,
                                   SPECIES_12.num_classes, metrics=metrics,
                                   tolerances=nsd_tolerances() * scale)
-        index = np.asarray(sto2(batch["features"][:n]))
+        vendor = batch["vendor_sto2"][:n]
+        has_vendor = ~np.isnan(vendor).all(axis=(1, 2))
+        index = np.where(has_vendor[:, None, None], vendor,
+                         np.asarray(sto2(batch["features"][:n])))
         medians = np.asarray(median_per_label(index, labels, valid, SPECIES_12.num_classes))
         tables.append(ScoreTable.from_images(
             [r.image_name for r in batch_records], [r.subject for r in batch_records],
-            results["used_labels"], **{m: results[m] for m in metrics}, median_sto2=medians))
+            results["used_labels"], **{m: results[m] for m in metrics}, median_sto2=medians,
+            vendor_sto2=np.broadcast_to(has_vendor[:, None], medians.shape).astype(float)))
     if not tables:
         return ScoreTable(np.array([], str), np.array([], str), np.array([], int),
-                          {m: np.array([]) for m in (*metrics, "median_sto2")})
+                          {m: np.array([]) for m in (*metrics, *STO2_COLUMNS)})
     return ScoreTable.concatenate(tables)
 
 
