@@ -123,6 +123,7 @@ SIM_TINY = SpeciesConfig(name="sim_tiny", height=32, width=40, max_images_per_su
 TIVITA = SpeciesConfig(name="tivita", source="tivita", description="Real Tivita data from "
                        "manual_dir, in the reference (htc) dataset layout; the image size is "
                        "the cubes' (480 x 640 for the camera).")
+
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 For the `tivita` config, point `manual_dir` at a dataset in the reference (htc) layout:
 

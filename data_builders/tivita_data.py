@@ -219,7 +219,8 @@ class Plan:
                 "warnings": dict(sorted(self.warnings.items()))}
 
     def report(self) -> str:
-        lines = [f"{name}: {'; '.join(problems)}" for name, problems in sorted(self.problems.items())]
+        lines = [f"{name}: {'; '.join(problems)}"
+                 for name, problems in sorted(self.problems.items())]
         return (f"{len(self.problems)} of {self.num_found} images of {self.root} are invalid "
                 "(build with skip_invalid to leave them out and record them):\n  "
                 + "\n  ".join(lines))
@@ -256,13 +257,13 @@ def plan_build(root: Path, options: RealDataOptions = RealDataOptions()) -> Plan
                 name = ascii(name)
                 raise ValueError(problem)
             meta = read_meta(image)
-            shapes[name] = tivita.read_cube_shape(image.cube_path)
-            if shapes[name][2] != NUM_BANDS:
-                raise ValueError(f"{image.cube_path}: {shapes[name][2]} channels, expected "
-                                 f"{NUM_BANDS}")
+            shape = tivita.read_cube_shape(image.cube_path)
+            if shape[2] != NUM_BANDS:
+                raise ValueError(f"{image.cube_path}: {shape[2]} channels, expected {NUM_BANDS}")
         except (OSError, ValueError) as e:
             problems.setdefault(name, []).append(_short(e))
             continue
+        shapes[name] = shape
         planned.append((image, meta))
     sizes = Counter(shape[:2] for shape in shapes.values())
     if len(sizes) > 1:
@@ -291,10 +292,10 @@ def plan_build(root: Path, options: RealDataOptions = RealDataOptions()) -> Plan
             parameter_names = tuple(sorted(tivita.read_parameter_images(good[0])))
         except ValueError as e:
             problems.setdefault(good[0].image_name, []).append(_short(e))
+    default = settings.get("annotation_name_default") or ""
     return Plan(root=root, images=planned, problems=problems, warnings={}, size=size,
-                cube_source=chosen, table=table, skip_invalid=options.skip_invalid, num_found=len(found),
-                annotation_names=tuple(annotations) or (settings.get("annotation_name_default")
-                                                        or "",),
+                cube_source=chosen, table=table, skip_invalid=options.skip_invalid,
+                num_found=len(found), annotation_names=tuple(annotations) or (default,),
                 parameter_names=parameter_names)
 
 

@@ -328,3 +328,20 @@ def test_dsc_against_sto2_uses_the_vendors_sto2_when_the_data_has_it(tmp_path):
             cube = image["cube"].astype(np.float16).astype(np.float32)
             features = cube / np.abs(cube).sum(-1, keepdims=True)
             np.testing.assert_allclose(median, np.median(np.asarray(sto2(features))), rtol=1e-4)
+
+
+def test_build_command_options_become_the_builders_real_data_options(monkeypatch):
+    from data_builders.__main__ import take_real_data_options
+    from data_builders.species_builder import SpeciesBuilder
+
+    monkeypatch.setattr(SpeciesBuilder, "DEFAULT_REAL_DATA", RealDataOptions())
+    argv = take_real_data_options(
+        ["build", "data_builders/pig", "--config=tivita", "--skip_invalid",
+         "--annotations=polygon#annotator1,semantic#primary", "--label_aliases=kidnee:kidney",
+         "--ignored_label_ids=254,253", "--data_dir=/x"])
+    assert argv == ["build", "data_builders/pig", "--config=tivita", "--data_dir=/x"]
+    assert SpeciesBuilder.DEFAULT_REAL_DATA == RealDataOptions(
+        annotations=("polygon#annotator1", "semantic#primary"), skip_invalid=True,
+        label_aliases={"kidnee": "kidney"}, ignored_label_ids=(254, 253))
+    with pytest.raises(ValueError, match="cube_source must be auto, L1 or dat"):
+        take_real_data_options(["--cube_source=raw"])

@@ -255,7 +255,7 @@ class TivitaImage:
             try:
                 name.encode("utf-8")
             except UnicodeEncodeError:
-                return f"the {what} folder name {ascii(name)} is not valid UTF-8"
+                return f"the {what} folder name {name!a} is not valid UTF-8"
             if not _NAME_PATTERN.fullmatch(name):
                 return (f"the {what} folder name {name!r} is not letters, digits, '_', '-' or "
                         "'.', starting with a letter or digit")
