@@ -9,8 +9,10 @@ measures, in one run, repetitions interleaved, page cache warm (every file is re
 - build: the whole ``tivita`` build (planning, reading, the validity checks, float16
   conversion, TFDS's ArrayRecord writing and its shuffle), into a fresh data directory;
 
-and prints images per second of each, the ratios build / raw and read / raw, and the disk used
-per 1,000 images by the source files and the built dataset.
+and prints images per second of each (wall time) and its CPU seconds per image (this process's
+CPU time: on a machine shared with others the steadier figure), the ratios build / raw and
+read / raw of both, and the disk used per 1,000 images by the source files and the built
+dataset.
 
     python experiments/benchmarks/build.py                    # ~2 min (+1 min to write data)
     python experiments/benchmarks/build.py --images=16 --repeats=3 --root=/tmp/tivita_bench
@@ -86,21 +88,27 @@ def main() -> None:
             download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
 
     times: dict[str, list[float]] = {"raw": [], "read": [], "build": []}
+    cpu: dict[str, list[float]] = {"raw": [], "read": [], "build": []}
     for _ in range(args.repeats):
         for name, fn in (("raw", raw), ("read", read), ("build", build)):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - start)
-    rate = {k: len(images) / np.median(v) for k, v in times.items()}
-    print(f"load average {os.getloadavg()}, {len(images)} images of 480 x 640 x 100, "
+            cpu[name].append(time.process_time() - start_cpu)
+    n = len(images)
+    rate = {k: n / np.median(v) for k, v in times.items()}
+    cpu_per_image = {k: np.median(v) / n for k, v in cpu.items()}
+    print(f"load average {os.getloadavg()}, {n} images of 480 x 640 x 100, "
           f"{args.repeats} repetitions (median; [min, max] images/s)")
     for name, label in (("raw", "raw bytes of the same files"), ("read", "read_cube"),
                         ("build", "tivita build")):
-        spread = [len(images) / t for t in (max(times[name]), min(times[name]))]
+        spread = [n / t for t in (max(times[name]), min(times[name]))]
         print(f"  {label:28s} {rate[name]:6.2f} images/s [CPU]  "
-              f"[{spread[0]:.2f}, {spread[1]:.2f}]")
-    print(f"  build / raw read: {rate['build'] / rate['raw']:.3f}; "
-          f"read_cube / raw read: {rate['read'] / rate['raw']:.3f}")
+              f"[{spread[0]:.2f}, {spread[1]:.2f}]   {cpu_per_image[name]:.3f} CPU s/image")
+    print(f"  build / raw read: {rate['build'] / rate['raw']:.3f} (wall), "
+          f"{cpu_per_image['raw'] / cpu_per_image['build']:.3f} (CPU); "
+          f"read_cube / raw read: {rate['read'] / rate['raw']:.3f} (wall), "
+          f"{cpu_per_image['raw'] / cpu_per_image['read']:.3f} (CPU)")
     per_1000 = 1000 / len(images) / 1e9
     print(f"  disk per 1,000 images: source {disk_bytes(root) * per_1000:.1f} GB, "
           f"built dataset {disk_bytes(built) * per_1000:.1f} GB")

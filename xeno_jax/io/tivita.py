@@ -151,22 +151,24 @@ def cube_problems(cube: np.ndarray) -> tuple[list[str], list[str]]:
     """
     cube = np.asarray(cube)
     errors, warnings = [], []
-    non_finite = ~np.isfinite(cube)
-    if non_finite.any():
+    # Two reductions find every problem (NaN propagates through min and max); exact counts are
+    # computed only for a cube that has one.
+    low, high = cube.min(axis=-1), cube.max(axis=-1)
+    if not (np.isfinite(low).all() and np.isfinite(high).all()):
         nan = int(np.isnan(cube).sum())
-        errors.append(f"{nan} NaN and {int(non_finite.sum()) - nan} infinite values")
-    finite = np.where(non_finite, 0, cube)
-    too_large = np.abs(finite) > FLOAT16_MAX
-    if too_large.any():
-        errors.append(f"{int(too_large.sum())} values beyond the float16 range +-{FLOAT16_MAX:g} "
-                      f"(largest magnitude {float(np.abs(finite).max()):g})")
-    zero_pixels = int(np.all(cube == 0, axis=-1).sum())
+        errors.append(f"{nan} NaN and {int((~np.isfinite(cube)).sum()) - nan} infinite values")
+    extremes = np.abs(np.stack([low, high]))
+    if (extremes[np.isfinite(extremes)] > FLOAT16_MAX).any():
+        magnitude = np.abs(np.where(np.isfinite(cube), cube, 0))
+        errors.append(f"{int((magnitude > FLOAT16_MAX).sum())} values beyond the float16 range "
+                      f"+-{FLOAT16_MAX:g} (largest magnitude {float(magnitude.max()):g})")
+    zero_pixels = int(((low == 0) & (high == 0)).sum())
     if zero_pixels:
         errors.append(f"{zero_pixels} pixels are zero in every channel")
-    if cube.size and np.all(cube < 0):
+    if cube.size and (high < 0).all():
         errors.append("every value is negative")
     else:
-        negative_pixels = int(np.all(cube < 0, axis=-1).sum())
+        negative_pixels = int((high < 0).sum())
         if negative_pixels:
             warnings.append(f"{negative_pixels} pixels are negative in every channel")
     return errors, warnings
