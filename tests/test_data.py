@@ -381,3 +381,15 @@ def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
     for outer, spec in enumerate(specs):
         spec.save(tmp_path / spec_name("pig", outer))
         assert runs.outer_spec(catalog, "pig", outer, data_dir, "sim_micro", str(tmp_path)) == spec
+    # The study passes the spec folder to every run; one file cannot serve three outer folds.
+    from experiments.configs.study import get_config
+    from xeno_jax.study.study import run_configs
+
+    study = get_config("full")
+    with study.unlocked():
+        study.data.spec = str(tmp_path)
+    assert {run.data.spec for _, _, run in run_configs(study, "baseline_pig")} == {str(tmp_path)}
+    with study.unlocked():
+        study.data.spec = str(path)
+    with pytest.raises(ValueError, match="is one spec file, but the study has outer folds"):
+        run_configs(study, "baseline_pig")

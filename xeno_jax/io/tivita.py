@@ -18,7 +18,7 @@ folder); a suffix ``@<annotation_name>`` selects its annotation, otherwise the s
 ``annotation_name_default`` does.
 
 Bad data is found, not stored: `cube_problems` applies the reference's validity rules
-(``DataPath.is_cube_valid``) and `resolve_label_ids` refuses label names it does not know.
+(``DataPath.is_cube_valid``) and `label_table` refuses label names it does not know.
 """
 
 from __future__ import annotations

@@ -52,6 +52,11 @@ def run_configs(config: ml_collections.ConfigDict, configuration: str
     with base.unlocked():
         base.data.data_dir = str(config.data_dir)
         base.data.spec = config.data.spec if "data" in config else ""
+    spec = Path(os.path.expanduser(base.data.spec)) if base.data.spec else None
+    if spec is not None and not spec.is_dir() and len(config.outer_folds) > 1:
+        raise ValueError(f"config.data.spec={base.data.spec} is one spec file, but the study has "
+                         f"outer folds {tuple(config.outer_folds)}: give a folder of the "
+                         "reference's spec files (one per species and outer fold)")
         for section, overrides in config.overrides.items():
             for key, value in overrides.items():
                 if value is not None:  # unset placeholders keep the configuration's value
