@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import blosc
@@ -345,3 +346,30 @@ def test_build_command_options_become_the_builders_real_data_options(monkeypatch
         label_aliases={"kidnee": "kidney"}, ignored_label_ids=(254, 253))
     with pytest.raises(ValueError, match="cube_source must be auto, L1 or dat"):
         take_real_data_options(["--cube_source=raw"])
+
+
+def test_a_build_killed_at_a_random_point_leaves_nothing_used_and_rebuilds(tmp_path):
+    rng = np.random.default_rng(9)
+    images = {("P001", f"t{i}", False): random_image(rng, 60, 80) for i in range(6)}
+    write_dataset(tmp_path / "d", images)
+    data_dir = tmp_path / "tfds"
+    command = [sys.executable, "-m", "data_builders", "build", "data_builders/pig",
+               "--config=tivita", f"--manual_dir={tmp_path / 'd'}", f"--data_dir={data_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    # Wait until TFDS has started writing (or finished), then kill at a random later moment.
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline and not list(
+            data_dir.glob("pig/tivita/incomplete.*")):
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0, 0.3))
+    process.kill()
+    process.wait()
+    builder = tfds.builder("pig/tivita", data_dir=str(data_dir)) if (
+        data_dir / "pig" / "tivita" / "1.0.0" / "dataset_info.json").exists() else None
+    if builder is not None:  # finished before the kill: then it is complete
+        assert len(rows(builder)) == len(images)
+    rebuilt = build(tmp_path / "d", data_dir)
+    assert len(rows(rebuilt)) == len(images)
+    assert not list(data_dir.glob("**/incomplete.*"))
