@@ -16,22 +16,28 @@ physiological multi-organ set that trains segmentation networks, ``kidney`` or
 the kidney experiment's physiological and malperfused images for projection learning.
 
 TFDS writes into an ``incomplete.*`` folder and renames it only when every split is written, so
-an interrupted build never leaves a dataset that looks complete.
+an interrupted build never leaves a dataset that looks complete. A build holds a file lock on
+its dataset folder; under it, ``incomplete.*`` folders left by killed builds are removed.
+
+The real-data build (checks, bad-data report, formats) is `data_builders.tivita_data`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
+import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 
+from data_builders import tivita_data
 from xeno_jax import simulate
 from xeno_jax.io import tivita
 from xeno_jax.labels import SPECIES_12
@@ -39,19 +45,6 @@ from xeno_jax.labels import SPECIES_12
 NUM_BANDS = 100
 GENERATION_BATCH = 8  # images simulated per call (a fixed shape: one compilation)
 DATASET_SEED = 1_897
-
-# Reference phase types (htc tables.ischemic_table) and other metadata values -> split names.
-STATE_ALIASES = {
-    "physiological": "physiological",
-    "ischemia": "malperfusion",
-    "avascular": "malperfusion",
-    "stasis": "malperfusion",
-    "malperfused": "malperfusion",
-    "malperfusion": "malperfusion",
-    "icg": "icg",
-    "venous_congestion": "venous_congestion",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class SimulatedSet:
@@ -105,7 +98,7 @@ class SpeciesConfig(tfds.core.BuilderConfig):
 
     Attributes:
       source: ``simulated`` or ``tivita``.
-      height, width: image size (simulated, or expected of the real cubes).
+      height, width: image size of simulated data (real data: the cubes' size, any one size).
       paper_counts: simulate the paper's numbers of subjects and images (``sim_full``).
       max_images_per_subject: cap on each subject's images in a set (keeps every subject).
       max_images_per_set: cap on the images of each simulated set (tests, previews).
@@ -128,7 +121,8 @@ SIM_TINY = SpeciesConfig(name="sim_tiny", height=32, width=40, max_images_per_su
                          description="Simulated, 32 x 40, one image per subject: for tests and "
                          "smoke runs of the whole study.")
 TIVITA = SpeciesConfig(name="tivita", source="tivita", description="Real Tivita data from "
-                       "manual_dir, in the reference (htc) dataset layout.")
+                       "manual_dir, in the reference (htc) dataset layout; the image size is "
+                       "the cubes' (480 x 640 for the camera).")
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 For the `tivita` config, point `manual_dir` at a dataset in the reference (htc) layout:
@@ -136,13 +130,17 @@ For the `tivita` config, point `manual_dir` at a dataset in the reference (htc) 
   <manual_dir>/data/dataset_settings.json          (label_mapping, last_valid_label_index, ...)
   <manual_dir>/data/subjects/<subject>/<timestamp>/<timestamp>_SpecCube.dat
   <manual_dir>/data/subjects/<subject>/<timestamp>/annotations/<timestamp>_meta.json (optional)
-  <manual_dir>/intermediates/segmentations/<subject>#<timestamp>.blosc
+  <manual_dir>/data/overlap/<subject>/<timestamp>/...   (optional, images named ...#overlap)
+  <manual_dir>/intermediates/segmentations/<image_name>.blosc
+  <manual_dir>/intermediates/preprocessing/L1/<image_name>.blosc                (optional)
+  <manual_dir>/intermediates/preprocessing/parameter_images/<image_name>.blosc  (optional)
 
-Labels are mapped by name through dataset_settings.json to the 12-class species mapping. The
-optional meta file gives the perfusion state (`perfusion_state`, or htc's `phase_type`:
-ischemia/avascular/stasis are malperfusion) and the `experiment`; without it an image is
-physiological and from the `semantic` experiment. Missing cubes or annotations are reported as
-one list.
+Labels are mapped by name through dataset_settings.json to the 12-class species mapping; unknown
+names fail the build (map or ignore them). The optional meta file gives the perfusion state
+(`perfusion_state`, or htc's `phase_type`: ischemia/avascular/stasis are malperfusion), the
+`experiment` and the reference's perfusion and ICG keys (see the README). Bad images (NaN, inf,
+all-zero pixels, annotations of another size, unknown label ids, missing files) are listed in
+one report and fail the build unless `skip_invalid` is set.
 """
 
 
@@ -156,6 +154,8 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     SPECIES: str = ""
+    DEFAULT_REAL_DATA = tivita_data.RealDataOptions()
+    """Real-data options of builders made without `real_data` (set by the build command)."""
     SUBJECT_FORMAT: str = "S{:03d}"
     FIRST_RECORDING = datetime.datetime(2021, 1, 1, 9, 0, 0)
 
@@ -167,11 +167,18 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """The experiments of ``sim_full`` (the paper's structure and counts)."""
         raise NotImplementedError
 
+    def __init__(self, *, real_data: tivita_data.RealDataOptions | None = None, **kwargs):
+        """Args: real_data: options of the ``tivita`` build; kwargs: TFDS's."""
+        self.real_data = real_data or self.DEFAULT_REAL_DATA
+        super().__init__(**kwargs)
+
     # -- TFDS interface ---------------------------------------------------------------------
 
     def _info(self) -> tfds.core.DatasetInfo:
         config = self.builder_config
-        height, width = config.height, config.width
+        real = config.source == "tivita"
+        # Real data: any one size per dataset (checked when building, kept in the metadata).
+        height, width = (None, None) if real else (config.height, config.width)
         # Raw bytes: TFDS would otherwise write arrays value by value as protobuf lists.
         array = lambda shape, dtype: tfds.features.Tensor(
             shape=shape, dtype=dtype, encoding=tfds.features.Encoding.BYTES)
@@ -194,6 +201,17 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "icg_dose_mg_kg": tfds.features.Scalar(dtype=np.float32),
                 "icg_plasma_molar": tfds.features.Scalar(dtype=np.float32),
             }
+        if real:
+            features |= {
+                "annotation_labels": array((None, height, width), np.uint8),
+                "parameter_images": array((None, None, None), np.float16),
+                "phase_type": tfds.features.Text(),
+                "clamping_location": tfds.features.Text(),
+                "reperfused": tfds.features.Scalar(dtype=np.int8),
+                "phase_time": tfds.features.Scalar(dtype=np.float32),
+                "icg_dose": tfds.features.Scalar(dtype=np.float32),
+                "icg_time": tfds.features.Scalar(dtype=np.float32),
+            }
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Spectral images (Tivita-like, 100 bands, 500-1000 nm) of {self.SPECIES} "
@@ -202,12 +220,24 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             features=tfds.features.FeaturesDict(features),
             homepage="https://doi.org/10.1038/s41551-025-01585-4",
             citation=self._citation(),
+            metadata=tfds.core.MetadataDict() if real else None,
         )
 
     def _citation(self) -> str:
         module = Path(__import__(type(self).__module__, fromlist=["_"]).__file__)
         path = module.parent / "CITATIONS.bib"
         return path.read_text() if path.exists() else ""
+
+    def download_and_prepare(self, *args, **kwargs):
+        """TFDS's build, under a lock on the dataset folder; removes what killed builds left."""
+        folder = Path(self.data_dir).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        with filelock.FileLock(folder / f".{self.version}.build.lock"):
+            # Under the lock no other build is running: these are from killed builds.
+            for stale in folder.glob(f"{tfds.core.constants.INCOMPLETE_PREFIX}*_{self.version}"):
+                logging.warning("removing %s, left by an interrupted build", stale)
+                shutil.rmtree(stale)
+            return super().download_and_prepare(*args, **kwargs)
 
     def _split_generators(self, dl_manager):
         if self.builder_config.source == "tivita":
@@ -300,51 +330,13 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # -- real Tivita data ---------------------------------------------------------------------
 
     def _tivita_splits(self, root: Path):
+        plan = tivita_data.plan_build(root, self.real_data)
         settings = tivita.read_dataset_settings(root)
-        images = tivita.discover_images(root)
-        if not images:
-            raise ValueError(f"{root}: no images found under data/subjects")
-        missing = tivita.find_missing_files(images)
-        if missing:
-            listing = "\n  ".join(str(p) for p in missing)
-            raise FileNotFoundError(f"{len(missing)} files of {root} are missing:\n  {listing}")
-        meta = {image.image_name: read_meta(image) for image in images}
-        splits = sorted({state for state, _ in meta.values()})
-        return {split: self._generate_tivita(
-            [i for i in images if meta[i.image_name][0] == split], settings, meta)
-            for split in splits}
+        plan.splits_left = set(plan.splits)
+        self.info.metadata.update(plan.metadata())
+        return {split: self._generate_tivita(plan, split, settings) for split in plan.splits}
 
-    def _generate_tivita(self, images, settings, meta) -> Iterator[tuple[str, dict]]:
-        for image in images:
-            cube = tivita.read_cube(image.cube_path)
-            expected = (self.builder_config.height, self.builder_config.width, NUM_BANDS)
-            if cube.shape != expected:
-                raise ValueError(f"{image.cube_path}: cube shape {cube.shape}, expected {expected}")
-            labels = tivita.read_labels(image, settings, SPECIES_12)
-            state, experiment = meta[image.image_name]
-            yield image.image_name, {
-                "image_name": image.image_name,
-                "subject": image.subject,
-                "species": self.SPECIES,
-                "perfusion_state": state,
-                "experiment": experiment,
-                "cube": cube.astype(np.float16),
-                "labels": labels.astype(np.uint8),
-                "valid": np.asarray(SPECIES_12.is_valid(labels)),
-            }
-
-
-
-def read_meta(image: tivita.TivitaImage) -> tuple[str, str]:
-    """Perfusion state and experiment of a real image from its optional meta file."""
-    path = image.cube_path.parent / "annotations" / f"{image.timestamp}_meta.json"
-    if not path.exists():
-        return "physiological", "semantic"
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
-    raw = meta.get("perfusion_state", meta.get("phase_type", "physiological"))
-    if raw not in STATE_ALIASES:
-        raise ValueError(f"{path}: unknown perfusion state {raw!r}; known: {sorted(STATE_ALIASES)}")
-    return STATE_ALIASES[raw], str(meta.get("experiment", "semantic"))
+    def _generate_tivita(self, plan, split, settings) -> Iterator[tuple[str, dict]]:
+        for key, example in tivita_data.generate_split(plan, split, settings):
+            yield key, {**example, "species": self.SPECIES}
+        self.info.metadata.update(plan.metadata())  # images skipped while writing

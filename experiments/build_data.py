@@ -4,7 +4,9 @@
   python -m experiments.build_data --study_config=experiments/configs/study.py:demo \
       --data_dir=workdir/tfds
   python -m experiments.build_data --species=pig --dataset=tivita --manual_dir=/data/pig_tivita \
-      --data_dir=/data/tfds
+      --data_dir=/data/tfds [--skip_invalid] [--annotations=semantic#primary,polygon#annotator1]
+
+Real-data options (``--dataset=tivita``): see ``python -m data_builders`` and the builder README.
 """
 
 import logging
@@ -14,6 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 import data_builders
+from data_builders.tivita_data import parse_options
 from experiments import common
 from xeno_jax.study.study import species_involved
 
@@ -23,6 +26,15 @@ _DATASET = flags.DEFINE_string("dataset", "sim_small", "Builder config: sim_smal
 _DATA_DIR = flags.DEFINE_string("data_dir", "~/tensorflow_datasets", "TFDS data directory.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Real data for the tivita config.")
 _STUDY = config_flags.DEFINE_config_file("study_config", None, "Build what this study needs.")
+_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "tivita: build without bad images "
+                                  "(recorded in the metadata) instead of failing.")
+_REAL = {name: flags.DEFINE_string(name, None, help) for name, help in (
+    ("annotations", "tivita: annotation names kept, comma-separated; the first is `labels`."),
+    ("images", "tivita: only these image names (comma-separated, optional @<annotation>)."),
+    ("cube_source", "tivita: auto (L1 files if all images have them), L1 or dat."),
+    ("label_aliases", "tivita: dataset_name:12_class_name pairs, comma-separated."),
+    ("ignored_labels", "tivita: dataset label names that become invalid."),
+    ("ignored_label_ids", "tivita: label ids without a name that become invalid."))}
 
 
 def main(argv):
@@ -33,8 +45,14 @@ def main(argv):
         species = species or species_involved(_STUDY.value.configurations,
                                                _STUDY.value.test_sets)
         dataset = _STUDY.value.dataset
+    options = {k: f.value for k, f in _REAL.items() if f.value is not None}
+    if _SKIP_INVALID.value:
+        options["skip_invalid"] = "true"
+    if options and dataset != "tivita":
+        raise app.UsageError(f"--{', --'.join(sorted(options))}: options of --dataset=tivita")
+    extra = {"real_data": parse_options(options)} if options else {}
     for name in species or data_builders.SPECIES:
-        builder = data_builders.builder(name, dataset, data_dir=_DATA_DIR.value)
+        builder = data_builders.builder(name, dataset, data_dir=_DATA_DIR.value, **extra)
         if builder.is_prepared():
             logging.info("%s/%s: already built in %s", name, dataset, builder.data_dir)
             continue

@@ -67,7 +67,7 @@ def main(argv):
         logging.info("scores: %s", _OUTPUT.value)
     evaluation = [Evaluation(config.configuration, _TEST_SET.value, table)]
     for metric in table.scores:
-        if metric != "median_sto2":
+        if metric not in runs.STO2_COLUMNS:
             print(f"\n{metric} ({_TEST_SET.value}, {len(models)} model(s), "
                   f"{len(set(table.image_name))} images), class level with 95% bootstrap CI:\n")
             print(class_table(evaluation, _TEST_SET.value, metric))

@@ -15,6 +15,7 @@ import tensorflow_datasets as tfds
 
 import data_builders
 from data_builders.species_builder import SIM_SMALL, TIVITA, SimulatedSet, SpeciesBuilder
+from data_builders.tivita_data import InvalidDataError
 from xeno_jax import simulate
 from xeno_jax.data import (
     Catalog,
@@ -23,6 +24,7 @@ from xeno_jax.data import (
     Record,
     evaluation_batches,
     nested_cross_validation,
+    spec_name,
     train_iterator,
 )
 from xeno_jax.io import tivita
@@ -150,9 +152,9 @@ def test_tivita_missing_files_are_listed(tmp_path):
     images = tivita.discover_images(root)
     images[0].cube_path.unlink()
     images[2].annotation_path.unlink()
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(InvalidDataError) as error:
         build_tivita(root, tmp_path / "tfds")
-    assert "2 files" in str(error.value)
+    assert "2 of 4 images" in str(error.value)
     assert str(images[0].cube_path) in str(error.value)
     assert str(images[2].annotation_path) in str(error.value)
 
@@ -350,3 +352,44 @@ def test_tfds_build_command_works_without_tensorflow(tmp_path):
     source = tfds.data_source("pig/sim_tiny", data_dir=str(tmp_path))
     assert {len(source[split]) for split in source} == {2}
     assert source["physiological"][0]["cube"].shape == (32, 40, 100)
+
+
+def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
+    """``config.data.spec``: a spec in the reference's JSON format is the split source, and our
+    exported specs re-import to the same folds."""
+    from xeno_jax.study import runs
+    from xeno_jax.study.configurations import run_config
+
+    _, data_dir = pig_tiny
+    catalog = Catalog(["pig/sim_micro:physiological"], data_dir)
+    names = sorted(r.image_name for r in catalog.records)
+    entry = lambda chosen: {"image_names": [f"{n}@semantic#primary" for n in chosen],
+                            "data_path_class": "htc.tivita.DataPathMultiorgan>DataPathMultiorgan"}
+    folds = [{"fold_name": f"fold_{k}", "train_semantic": entry(names[k:k + 3]),
+              "val_semantic": entry(names[k + 3:k + 4]), "test": entry(names[-1:])}
+             for k in range(2)]
+    path = tmp_path / "pig_reference_spec.json"
+    path.write_text(json.dumps(folds))
+    config = run_config("baseline_pig", dataset="sim_micro")
+    with config.unlocked():
+        config.data.data_dir, config.data.spec, config.data.fold = str(data_dir), str(path), 1
+    train, val = runs.training_images(config, catalog)
+    assert [r.image_name for r in train] == names[1:4]
+    assert [r.image_name for r in val] == names[4:5]
+    # Our nested specs, exported under the reference's names, re-import to the same folds.
+    specs = nested_cross_validation(synthetic_records(), seed=0)
+    for outer, spec in enumerate(specs):
+        spec.save(tmp_path / spec_name("pig", outer))
+        assert runs.outer_spec(catalog, "pig", outer, data_dir, "sim_micro", str(tmp_path)) == spec
+    # The study passes the spec folder to every run; one file cannot serve three outer folds.
+    from experiments.configs.study import get_config
+    from xeno_jax.study.study import run_configs
+
+    study = get_config("full")
+    with study.unlocked():
+        study.data.spec = str(tmp_path)
+    assert {run.data.spec for _, _, run in run_configs(study, "baseline_pig")} == {str(tmp_path)}
+    with study.unlocked():
+        study.data.spec = str(path)
+    with pytest.raises(ValueError, match="is one spec file, but the study has outer folds"):
+        run_configs(study, "baseline_pig")

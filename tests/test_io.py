@@ -578,3 +578,36 @@ def test_write_image_rejects_bad_input_and_writes_nothing(tmp_path, subject, tim
     with pytest.raises(ValueError, match=problem):
         write_image(tmp_path, subject, timestamp, np.ones((3, 4, 2), np.float32), annotations)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cube_problems_follow_the_reference_validity_rules():
+    from xeno_jax.io.tivita import cube_problems
+
+    cube = np.full((3, 4, 5), 0.5, np.float32)
+    assert cube_problems(cube) == ([], [])
+    negative = cube.copy()
+    negative[1, 2] = -0.1  # a negative pixel: used, with a warning (as the reference)
+    assert cube_problems(negative) == ([], ["1 pixels are negative in every channel"])
+    assert cube_problems(-cube)[0] == ["every value is negative"]
+    bad = cube.copy()
+    bad[0, 0, 0], bad[0, 1, 1], bad[2, 3] = np.nan, -np.inf, 0
+    bad[1, 1, 1] = -7e4
+    errors, _ = cube_problems(bad)
+    assert errors == ["1 NaN and 1 infinite values",
+                      "1 values beyond the float16 range +-65504 (largest magnitude 70000)",
+                      "1 pixels are zero in every channel"]
+
+
+def test_label_table_maps_by_name_and_refuses_unknown_names():
+    from xeno_jax.io.tivita import label_table, mask_to_labels
+
+    table = label_table({"background": 0, "meso": 5, "heart": 8, "unlabeled": 255},
+                        ignored_ids=(254,))
+    labels, problem = mask_to_labels(np.array([[0, 5, 8], [255, 254, 17]]), table, 12)
+    np.testing.assert_array_equal(labels, [[0, 2, 12], [12, 12, 12]])
+    assert problem.startswith("label ids [17] (1 pixels) are not in the label_mapping")
+    with pytest.raises(ValueError, match=r"'Kidney' \(id 3\): closest known: kidney") as error:
+        label_table({"Kidney": 3, "spleen_x": 4, "zzz": 9})
+    assert "'zzz' (id 9): no similar known name" in str(error.value)
+    with pytest.raises(ValueError, match=re.escape("label aliases {'a': 'kidnee'}")):
+        label_table({"a": 3}, aliases={"a": "kidnee"})

@@ -43,6 +43,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     config.data_dir = ""  # TFDS data directory; "" means <workdir>/tfds
     config.test_sets = TEST_SETS if kind == "full" else ("physiological", "malperfusion")
     config.evaluate_batch_size = 8
+    # The data specs: "" ours, else a folder of the reference's spec files (or one file).
+    config.data = ml_collections.ConfigDict({"spec": ""})
     # Values that replace those of every training run (unset: the configuration's own).
     config.overrides = ml_collections.ConfigDict()
     config.overrides.train = ml_collections.ConfigDict({

@@ -70,6 +70,7 @@ class Catalog:
         self.refs = [d if isinstance(d, DatasetRef) else DatasetRef.parse(d) for d in datasets]
         self.data_dir = Path(data_dir)
         self.sources = []
+        self.parameter_names: list[list[str]] = []  # per source: the vendor's parameter images
         self.records: list[Record] = []
         for number, ref in enumerate(self.refs):
             builder = tfds.builder(ref.name, data_dir=str(self.data_dir))
@@ -78,6 +79,8 @@ class Catalog:
                                  f"{sorted(builder.info.splits)}")
             source = builder.as_data_source(split=ref.split)
             self.sources.append(source)
+            metadata = builder.info.metadata or {}
+            self.parameter_names.append(list(metadata.get("parameter_names", [])))
             cache = Path(builder.data_dir) / f"xeno_index.{ref.split}.json"
             self.records += [Record(**{**row, "labels": tuple(row["labels"])}, source=number)
                              for row in _index(source, cache)]
@@ -98,12 +101,17 @@ class Catalog:
                            ) from None
 
     def select(self, image_names: Sequence[str]) -> list[Record]:
-        """Records of the given names, in order; all unknown names are reported at once."""
-        missing = [n for n in image_names if n not in self._by_name]
+        """Records of the given names, in order; all unknown names are reported at once.
+
+        A reference name's annotation suffix (``P041#2019_12_14_12_00_00@semantic#primary``)
+        is dropped: the dataset was built with the annotation it names.
+        """
+        names = [n if n in self._by_name else n.partition("@")[0] for n in image_names]
+        missing = [n for n in names if n not in self._by_name]
         if missing:
             raise KeyError(f"{len(missing)} images are in none of "
                            f"{[str(r) for r in self.refs]}: {missing[:10]}")
-        return [self._by_name[n] for n in image_names]
+        return [self._by_name[n] for n in names]
 
     def filter(self, **criteria) -> list[Record]:
         """Records whose fields equal the given values (a sequence value means any of them)."""
@@ -120,6 +128,15 @@ class Catalog:
     def read(self, record: Record) -> dict:
         """The decoded example of a record (NumPy arrays)."""
         return self.sources[record.source][record.index]
+
+    def vendor_index(self, record: Record, example: dict, name: str = "StO2"
+                     ) -> np.ndarray | None:
+        """The vendor's parameter image `name` of a real image (float32 (H, W)), if its dataset
+        has the vendor's parameter images (``intermediates/preprocessing/parameter_images``)."""
+        names = self.parameter_names[record.source]
+        if name not in names:
+            return None
+        return np.asarray(example["parameter_images"][..., names.index(name)], np.float32)
 
 
 def _index(source, cache: Path) -> list[dict]:

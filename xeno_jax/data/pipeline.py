@@ -98,13 +98,17 @@ def evaluation_batches(catalog: Catalog, records: Sequence[Record], batch_size: 
 
     Yields:
       ``(records of the batch without padding, {"features" L1 float32, "labels", "valid",
-      and the simulated "saturation" map if the dataset has one})``.
+      "vendor_sto2" (the vendor's StO2 image of real data that has it, else NaN), and the
+      simulated "saturation" map if the dataset has one})``.
     """
     def read(record: Record) -> dict[str, np.ndarray]:
         example = catalog.read(record)
         row = example_to_batch_row(example)
         row["features"] = l1_normalize(row["features"].astype(np.float32))
         row["labels"] = row["labels"].astype(np.int32)
+        vendor = catalog.vendor_index(record, example)
+        row["vendor_sto2"] = (np.full(row["labels"].shape, np.nan, np.float32) if vendor is None
+                              else vendor)
         if "saturation" in example:
             row["saturation"] = np.asarray(example["saturation"], np.float32)
         return row

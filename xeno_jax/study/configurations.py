@@ -87,6 +87,9 @@ def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small"
         config.data.extra_species = parsed.extra_species  # joint: physiological images added
         config.data.outer_fold = 0  # nested cross-validation: outer fold (test set) ...
         config.data.fold = 0  # ... and inner fold (train/val) of this run
+        # Data spec (reference JSON format): "" ours; a file; or a folder of the reference's
+        # spec files (<species>_semantic-only_5folds_nested-<outer>-2_mapping-12_seed-0.json).
+        config.data.spec = ""
         config.data.num_threads = 4  # grain reader threads
 
         config.augment.preset = "xeno" if parsed.is_projected else "baseline"

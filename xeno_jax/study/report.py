@@ -127,7 +127,7 @@ def _columns(table: ScoreTable, names: Sequence[str]) -> ScoreTable:
 
 def plot_dsc_against_sto2(evaluations: Sequence[Evaluation], path: Path) -> bool:
     """Kidney DSC over median StO2 for every target with a malperfusion test set."""
-    groups: dict[str, list[tuple[str, ScoreTable]]] = {}
+    groups: dict[str, list[tuple[str, ScoreTable, np.ndarray]]] = {}
     for e in evaluations:
         if e.test_set != "malperfusion":
             continue
@@ -135,20 +135,26 @@ def plot_dsc_against_sto2(evaluations: Sequence[Evaluation], path: Path) -> bool
                               and x.test_set == "physiological"), None)
         parts = [e.table] if physiological is None else [physiological, e.table]
         table = ScoreTable.concatenate([_columns(t, ("dice", "median_sto2")) for t in parts])
+        vendor = np.concatenate([t.scores.get("vendor_sto2", np.zeros(len(t))) for t in parts])
+        kidney = table.label == KIDNEY
         groups.setdefault(parse_configuration(e.configuration).target, []).append(
-            (e.configuration, table.select(table.label == KIDNEY)))
-    groups = {t: v for t, v in groups.items() if any(len(table) for _, table in v)}
+            (e.configuration, table.select(kidney), vendor[kidney]))
+    groups = {t: v for t, v in groups.items() if any(len(table) for _, table, _ in v)}
     if not groups:
         return False
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4), squeeze=False)
     for ax, (target, entries) in zip(axes[0], groups.items(), strict=True):
-        for name, table in entries:
+        vendor = np.concatenate([v for *_, v in entries])
+        which = ("the vendor's StO2" if vendor.size and vendor.all() else
+                 "StO2: the vendor's where the data has it, else the open index" if vendor.any()
+                 else "StO2 index (open re-implementation)")
+        for name, table, _ in entries:
             if not len(table):
                 continue
             curves = parameter_curves(table, "median_sto2", "dice")
             ax.plot(curves.grid, curves.mean[0], label=name)
             ax.fill_between(curves.grid, curves.ci_low[0], curves.ci_high[0], alpha=0.2)
-        ax.set(title=f"kidney, {target}", xlabel="median StO2 index of the kidney",
+        ax.set(title=f"kidney, {target}", xlabel=f"median of the kidney, {which}",
                ylabel="DSC", ylim=(0, 1.02), xlim=(0, 1))
         ax.legend(fontsize=8)
     fig.tight_layout()

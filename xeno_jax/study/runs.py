@@ -56,6 +56,8 @@ from xeno_jax.train.parallel import make_mesh
 
 REFERENCE_HEIGHT = 480  # NSD tolerances are in pixels of 480 x 640 images
 DONE_FILE = "done.json"
+STO2_COLUMNS = ("median_sto2", "vendor_sto2")
+"""Score-table columns that describe a region's StO2, not a score."""
 PHYSIOLOGICAL_SPLIT = "physiological"
 
 
@@ -96,6 +98,24 @@ def semantic_images(catalog: Catalog, species: str) -> list[Record]:
     """A species' physiological multi-organ images: what segmentation networks train on."""
     return catalog.filter(species=species, experiment="semantic",
                           perfusion_state=PHYSIOLOGICAL_SPLIT)
+
+
+def outer_spec(catalog: Catalog, species: str, outer: int, data_dir: str | os.PathLike,
+               dataset: str, spec: str = "") -> DataSpec:
+    """The data spec of one outer fold.
+
+    Args:
+      spec: ``""``: our nested cross-validation (`nested_specs`); a folder: the reference's
+        spec file of the species and outer fold in it (`spec_name`, e.g. the paper's
+        ``pig_semantic-only_5folds_nested-0-2_mapping-12_seed-0.json``); a file: that spec.
+    """
+    if spec:
+        path = Path(os.path.expanduser(spec))
+        return DataSpec.load(path / spec_name(species, outer) if path.is_dir() else path)
+    specs = nested_specs(catalog, species, data_dir, dataset)
+    if not 0 <= outer < len(specs):
+        raise ValueError(f"outer fold {outer}: expected 0..{len(specs) - 1}")
+    return specs[outer]
 
 
 def nested_specs(catalog: Catalog, species: str, data_dir: str | os.PathLike, dataset: str
@@ -193,18 +213,17 @@ def load_bank(config: ml_collections.ConfigDict) -> ProjectionBank | None:
 def training_images(config: ml_collections.ConfigDict, catalog: Catalog
                     ) -> tuple[list[Record], list[Record]]:
     """Train and validation images of the run's fold (plus the joint model's extra species)."""
-    specs = nested_specs(catalog, config.data.species, data_dir_of(config), config.data.dataset)
-    if not 0 <= config.data.outer_fold < len(specs):
-        raise ValueError(f"config.data.outer_fold={config.data.outer_fold}: expected 0.."
-                         f"{len(specs) - 1}")
-    spec = specs[config.data.outer_fold]
+    spec = outer_spec(catalog, config.data.species, config.data.outer_fold, data_dir_of(config),
+                      config.data.dataset, config.data.get("spec", ""))
     if not 0 <= config.data.fold < len(spec.folds):
         raise ValueError(f"config.data.fold={config.data.fold}: expected 0..{len(spec.folds) - 1}")
     fold = spec.folds[config.data.fold]
     train_records = catalog.select(fold.train)
     for extra in config.data.extra_species:  # train_<species>-p in the reference's spec
         train_records += semantic_images(catalog, extra)
-    return train_records, catalog.select(fold.validation_sets.get("val", []))
+    # The reference makes each val* split its own validation set; the first is the one we use.
+    validation = next(iter(fold.validation_sets.values()), [])
+    return train_records, catalog.select(validation)
 
 
 def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
@@ -273,7 +292,9 @@ def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_siz
     """Per (image, label) scores of an ensemble on `records`, with each region's median StO2.
 
     NSD tolerances (pixels of 480 x 640 images) are scaled to the images' height; the median
-    StO2 is the Tivita-style index (`xeno_jax.spectra.sto2`) over the region's pixels.
+    StO2 is over the region's pixels of the vendor's StO2 image where the dataset has the
+    vendor's parameter images, else of the open re-implementation (`xeno_jax.spectra.sto2`).
+    The column ``vendor_sto2`` says which: 1 the vendor's, 0 the open one.
     """
     tables = []
     for batch_records, batch in evaluation_batches(catalog, records, batch_size):
@@ -284,14 +305,18 @@ def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_siz
         results = evaluate_images(np.argmax(probabilities, -1), labels, valid,
                                   SPECIES_12.num_classes, metrics=metrics,
                                   tolerances=nsd_tolerances() * scale)
-        index = np.asarray(sto2(batch["features"][:n]))
+        vendor = batch["vendor_sto2"][:n]
+        has_vendor = ~np.isnan(vendor).all(axis=(1, 2))
+        index = np.where(has_vendor[:, None, None], vendor,
+                         np.asarray(sto2(batch["features"][:n])))
         medians = np.asarray(median_per_label(index, labels, valid, SPECIES_12.num_classes))
         tables.append(ScoreTable.from_images(
             [r.image_name for r in batch_records], [r.subject for r in batch_records],
-            results["used_labels"], **{m: results[m] for m in metrics}, median_sto2=medians))
+            results["used_labels"], **{m: results[m] for m in metrics}, median_sto2=medians,
+            vendor_sto2=np.broadcast_to(has_vendor[:, None], medians.shape).astype(float)))
     if not tables:
         return ScoreTable(np.array([], str), np.array([], str), np.array([], int),
-                          {m: np.array([]) for m in (*metrics, "median_sto2")})
+                          {m: np.array([]) for m in (*metrics, *STO2_COLUMNS)})
     return ScoreTable.concatenate(tables)
 
 

@@ -51,6 +51,12 @@ def run_configs(config: ml_collections.ConfigDict, configuration: str
     base = run_config(configuration, quick=config.quick, dataset=config.dataset)
     with base.unlocked():
         base.data.data_dir = str(config.data_dir)
+        base.data.spec = config.data.spec if "data" in config else ""
+    spec = Path(os.path.expanduser(base.data.spec)) if base.data.spec else None
+    if spec is not None and not spec.is_dir() and len(config.outer_folds) > 1:
+        raise ValueError(f"config.data.spec={base.data.spec} is one spec file, but the study has "
+                         f"outer folds {tuple(config.outer_folds)}: give a folder of the "
+                         "reference's spec files (one per species and outer fold)")
         for section, overrides in config.overrides.items():
             for key, value in overrides.items():
                 if value is not None:  # unset placeholders keep the configuration's value
@@ -132,11 +138,13 @@ def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str
 
     if test_set == "physiological":
         catalog = runs.catalog_for([parsed.target], dataset, data_dir)
-        specs = runs.nested_specs(catalog, parsed.target, data_dir, dataset)
         tables = []
         for outer in sorted({o for o, _, _ in models}):
             ensemble = runs.predictor([(run, v) for o, run, v in models if o == outer])
-            test = catalog.select(specs[outer].folds[0].test)
+            run = next(run for o, run, _ in models if o == outer)  # its data spec: run.data.spec
+            spec = runs.outer_spec(catalog, parsed.target, outer, data_dir, dataset,
+                                   run.data.get("spec", ""))
+            test = catalog.select(spec.folds[0].test)
             tables.append(runs.score_images(catalog, test, ensemble, batch_size))
             if outer == min(o for o, _, _ in models):
                 save_examples(catalog, test, ensemble)
