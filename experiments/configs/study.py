@@ -11,7 +11,8 @@ network (``unet_efficientnet_b5``, the reference's; default our U-Net)::
       --workdir=study_full
   python -m experiments.study --config=experiments/configs/study.py:full,tivita \
       --config.data_dir=/data/tfds --workdir=study_real
-  python -m experiments.study --config=experiments/configs/study.py:full,sim_full,unet_efficientnet_b5 \
+  python -m experiments.study \
+      --config=experiments/configs/study.py:full,sim_full,unet_efficientnet_b5 \
       --config.overrides.model.dtype=bfloat16 --workdir=study_b5
   python -m experiments.study --config=experiments/configs/study.py \
       --config.configurations='("baseline_pig","projected-ICG_rat2pig")' \

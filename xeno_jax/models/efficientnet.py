@@ -122,7 +122,7 @@ def block_specs(size: EfficientNetSize, drop_connect_rate: float = DROP_CONNECT_
     blocks = []
     for repeats, kernel, stride, expand, cin, cout in BASE_BLOCKS:
         cin, cout = round_filters(cin, size.width), round_filters(cout, size.width)
-        for r in range(int(math.ceil(size.depth * repeats))):
+        for r in range(math.ceil(size.depth * repeats)):
             s = stride if r == 0 else 1
             blocks.append((kernel, s, expand, cin if r == 0 else cout, cout,
                            same_padding(image, kernel, s)))
@@ -220,7 +220,10 @@ class MBConvBlock(nn.Module):
                          name=name)
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, inputs: jax.Array, *, train: bool, draw: jax.Array | None = None
+                 ) -> jax.Array:
+        """``draw``: one uniform number per image; in training the residual branch of an image
+        is dropped when its number is below the block's drop rate (drop-connect)."""
         spec = self.spec
         expanded = spec.in_channels * spec.expand_ratio
         x = inputs
@@ -247,10 +250,8 @@ class MBConvBlock(nn.Module):
         if not spec.has_skip:
             return x
         if train and spec.drop_rate > 0:  # drop-connect: drop the whole residual per image
-            keep = 1.0 - spec.drop_rate
-            mask = jax.random.bernoulli(self.make_rng("dropout"), keep,
-                                        (x.shape[0],) + (1,) * (x.ndim - 1))
-            x = x / keep * mask.astype(x.dtype)
+            keep = (draw >= spec.drop_rate).astype(x.dtype)[:, None, None, None]
+            x = x * keep / jnp.asarray(1.0 - spec.drop_rate, x.dtype)
         return x + inputs
 
 
@@ -272,9 +273,12 @@ class EfficientNetEncoder(nn.Module):
         x = nn.swish(BatchNorm(self.bn_momentum, ENCODER_BN["epsilon"], self.axis_name,
                                self.dtype, name="_bn0")(x, train=train))
         features = [x]
+        draws = [None] * len(specs)
+        if train and self.drop_connect_rate > 0:  # one draw for all blocks: cheap to compile
+            draws = jax.random.uniform(self.make_rng("dropout"), (len(specs), x.shape[0]))
         for i, spec in enumerate(specs):
             x = MBConvBlock(spec, self.bn_momentum, self.axis_name, self.dtype,
-                            name=f"_blocks_{i}")(x, train=train)
+                            name=f"_blocks_{i}")(x, train=train, draw=draws[i])
             if i in size.taps:
                 features.append(x)
         return features
@@ -345,9 +349,13 @@ class EfficientNetUNet(nn.Module):
         height, width = features.shape[1:3]
         encoder_momentum = ENCODER_BN["momentum"] if self.bn_momentum is None else self.bn_momentum
         decoder_momentum = DECODER_BN["momentum"] if self.bn_momentum is None else self.bn_momentum
-        skips = EfficientNetEncoder(self.size, encoder_momentum, self.drop_connect_rate,
-                                    self.axis_name, self.dtype, name="encoder")(features.astype(self.dtype), train=train)
-        x, skips = skips[-1], skips[-2::-1] + [None]
+        encoder = EfficientNetEncoder(self.size, encoder_momentum, self.drop_connect_rate,
+                                      self.axis_name, self.dtype, name="encoder")
+        skips = encoder(features.astype(self.dtype), train=train)
+        if min(skips[-1].shape[1:3]) == 0:
+            raise ValueError(f"a {height} x {width} input is too small for EfficientNet-"
+                             f"{self.size}: its stride-32 features would be empty")
+        x, skips = skips[-1], [*skips[-2::-1], None]
         for i, (channels, skip) in enumerate(zip(DECODER_CHANNELS, skips, strict=True)):
             target = (height, width) if skip is None else skip.shape[1:3]
             x = resize_nearest(x, *target)
