@@ -1,12 +1,16 @@
 """Scores trained networks on a test set and prints class-level DSC (and NSD) per label.
 
 One --workdir scores that run; several score their ensemble (mean softmax, method.md C3). Every
-run directory must hold a finished run of --config; its folds are read from its done.json.
+run directory must hold a finished run of --config (its folds are read from its done.json) or
+networks converted from PyTorch (``experiments.convert_weights``; a folder of converted folds is
+their ensemble, scored as outer fold --config.data.outer_fold).
 
   python -m experiments.evaluate --config=experiments/configs/baseline.py:human,quick \
       --workdir=runs/bh --test_set=physiological
   python -m experiments.evaluate --config=experiments/configs/xeno.py:pig2human,quick \
       --workdir=runs/x0 --workdir=runs/x1 --test_set=malperfusion --output=scores/x.npz
+  python -m experiments.evaluate --config=experiments/configs/baseline.py:human,tivita \
+      --workdir=nets/reference_baseline_human --test_set=physiological
 
 Test sets: ``physiological`` (the target species' outer-fold test images), ``cross_species``
 (the other species' physiological images), ``malperfusion`` and ``icg`` (the target species'
@@ -22,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
+from xeno_jax.models import convert, load_pretrained
 from xeno_jax.study import runs
 from xeno_jax.study.configurations import parse_configuration
 from xeno_jax.study.report import class_table
@@ -53,6 +58,12 @@ def main(argv):
     config = _CONFIG.value
     models = []
     for workdir in _WORKDIRS.value:
+        converted = convert.find_pretrained(workdir)  # e.g. a reference run's converted folds
+        for directory in converted:
+            model, variables = load_pretrained(str(directory))
+            models.append((config.data.outer_fold, model, variables))
+        if converted:
+            continue
         run = run_config_of(config, workdir)
         models.append((run.data.outer_fold, run, runs.restore_variables(run, workdir)))
     parsed = parse_configuration(config.configuration)

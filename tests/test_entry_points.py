@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("build_data", "demo", "evaluate", "learn_projections", "study", "train")
+ENTRY_POINTS = ("build_data", "convert_weights", "demo", "evaluate", "learn_projections", "study",
+                "train")
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)

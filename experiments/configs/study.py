@@ -2,7 +2,8 @@
 
 Arguments: ``full`` (default: the paper's 11 configurations, 3 outer x 5 inner folds) or ``demo``
 (baseline_human and projected-malperfusion_pig2human, one fold, quick CPU settings), then
-optionally ``,quick`` and a dataset config (``sim_small`` default, ``sim_full``, ``tivita``)::
+optionally ``,quick``, a dataset config (``sim_small`` default, ``sim_full``, ``tivita``) and a
+network (``unet_efficientnet_b5``, the reference's; default our U-Net)::
 
   python -m experiments.study --config=experiments/configs/study.py:demo --workdir=workdir
   python -m experiments.study --config=experiments/configs/study.py --workdir=study
@@ -10,6 +11,9 @@ optionally ``,quick`` and a dataset config (``sim_small`` default, ``sim_full``,
       --workdir=study_full
   python -m experiments.study --config=experiments/configs/study.py:full,tivita \
       --config.data_dir=/data/tfds --workdir=study_real
+  python -m experiments.study \
+      --config=experiments/configs/study.py:full,sim_full,unet_efficientnet_b5 \
+      --config.overrides.model.dtype=bfloat16 --workdir=study_b5
   python -m experiments.study --config=experiments/configs/study.py \
       --config.configurations='("baseline_pig","projected-ICG_rat2pig")' \
       --config.outer_folds='(0,)' --config.folds='(0,1)' --workdir=study_icg
@@ -22,7 +26,7 @@ An interrupted study resumes: finished datasets, banks, runs and score tables ar
 import ml_collections
 from ml_collections import config_dict
 
-from xeno_jax.study.configurations import PAPER_CONFIGURATIONS
+from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_options
 from xeno_jax.study.study import TEST_SETS
 
 DEMO_CONFIGURATIONS = ("baseline_human", "projected-malperfusion_pig2human")
@@ -33,13 +37,14 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     kind, options = parts[0], parts[1:]
     if kind not in ("full", "demo"):
         raise ValueError(f"study config argument must start with 'full' or 'demo', got {arg!r}")
-    datasets = [p for p in options if p != "quick"]
+    quick, dataset, model = parse_options(options, arg)
     config = ml_collections.ConfigDict()
     config.configurations = PAPER_CONFIGURATIONS if kind == "full" else DEMO_CONFIGURATIONS
     config.outer_folds = (0, 1, 2) if kind == "full" else (0,)
     config.folds = (0, 1, 2, 3, 4) if kind == "full" else (0,)
-    config.quick = kind == "demo" or "quick" in options
-    config.dataset = datasets[0] if datasets else "sim_small"
+    config.quick = kind == "demo" or quick
+    config.dataset = dataset
+    config.model = model  # "" : our U-Net; e.g. "unet_efficientnet_b5": the reference's
     config.data_dir = ""  # TFDS data directory; "" means <workdir>/tfds
     config.test_sets = TEST_SETS if kind == "full" else ("physiological", "malperfusion")
     config.evaluate_batch_size = 8

@@ -13,7 +13,7 @@ The files in ``experiments/configs`` build their configs with these functions.
 training sections of `xeno_jax.train.default_config` plus ``data`` (which images), ``augment``
 (the A4 pipeline and its projection bank) and ``evaluate``. ``quick`` shrinks the network and the
 schedule for a CPU (the demo); ``dataset`` is the builder config (``sim_small``, ``sim_full`` or
-``tivita``).
+``tivita``); ``model`` selects the network, e.g. ``unet_efficientnet_b5`` (the reference's).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import re
 import ml_collections
 
 from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS
+from xeno_jax.models import MODEL_NAMES
 from xeno_jax.train.config import default_config
 
 SPECIES = ("human", "pig", "rat")
@@ -72,13 +73,20 @@ def parse_configuration(name: str) -> Configuration:
                      f"joint_<species>-p+...2<target>, e.g. {PAPER_CONFIGURATIONS}")
 
 
-def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small"
-               ) -> ml_collections.ConfigDict:
-    """The locked config of one training run of configuration `name`."""
+def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small",
+               model: str = "") -> ml_collections.ConfigDict:
+    """The locked config of one training run of configuration `name`.
+
+    `model` names the network (`xeno_jax.models.MODEL_NAMES`, e.g. "unet_efficientnet_b5",
+    the reference's); "" keeps the default: our U-Net, its tiny variant with `quick`.
+    """
     parsed = parse_configuration(name)
+    if model and model not in MODEL_NAMES:
+        raise ValueError(f"unknown model {model!r}; known: {MODEL_NAMES}")
     config = default_config()
     with config.unlocked():
         config.configuration = name
+        config.model.name = model or config.model.name
 
         config.data = ml_collections.ConfigDict()
         config.data.data_dir = "~/tensorflow_datasets"  # TFDS data directory
@@ -102,7 +110,7 @@ def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small"
         config.evaluate.batch_size = 8
 
         if quick:  # ~4 minutes per network on 2 CPU cores with sim_small
-            config.model.variant = "tiny"
+            config.model.variant = "tiny"  # (our U-Net's; the EfficientNets have no variants)
             config.train.epochs = 10
             config.train.epoch_size = 800  # 1000 steps in all
             config.train.learning_rate = 3e-3  # a short schedule for a small network
@@ -112,17 +120,24 @@ def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small"
     return config
 
 
+def parse_options(options: list[str], arg: str) -> tuple[bool, str, str]:
+    """``quick``, a dataset and a model name (`MODEL_NAMES`) from config-argument options."""
+    models = [p for p in options if p in MODEL_NAMES]
+    datasets = [p for p in options if p != "quick" and p not in MODEL_NAMES]
+    if len(datasets) > 1 or len(models) > 1:
+        raise ValueError(f"unexpected config arguments {datasets + models} in {arg!r}")
+    return ("quick" in options, datasets[0] if datasets else "sim_small",
+            models[0] if models else "")
+
+
 def config_from_arg(arg: str, kind: str) -> ml_collections.ConfigDict:
-    """Parses a config-file argument ``<what>[,quick][,<dataset>]`` for baseline/xeno/joint."""
+    """Parses ``<what>[,quick][,<dataset>][,<model>]`` for baseline/xeno/joint configs."""
     parts = [p for p in (arg or "").split(",") if p]
     if not parts:
         raise ValueError(f"{kind} config needs an argument, e.g. {kind}.py:human,quick")
-    quick = "quick" in parts[1:]
-    datasets = [p for p in parts[1:] if p != "quick"]
-    if len(datasets) > 1:
-        raise ValueError(f"unexpected config arguments {datasets} in {arg!r}")
+    quick, dataset, model = parse_options(parts[1:], arg)
     what = parts[0]
     name = {"baseline": f"baseline_{what}",
             "xeno": what if what.startswith("projected-") else f"projected-malperfusion_{what}",
             "joint": f"joint_{what}"}[kind]
-    return run_config(name, quick=quick, dataset=datasets[0] if datasets else "sim_small")
+    return run_config(name, quick=quick, dataset=dataset, model=model)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -46,7 +47,7 @@ from xeno_jax.evaluate import (
 from xeno_jax.evaluate.perfusion import median_per_label
 from xeno_jax.io import atomic_write
 from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS, SPECIES_12
-from xeno_jax.models import build_model
+from xeno_jax.models import build_model, convert, load_pretrained
 from xeno_jax.projections import ProjectionBank
 from xeno_jax.projections.dataset import learn_bank
 from xeno_jax.spectra import sto2, tivita_wavelengths
@@ -265,19 +266,31 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
 
 
 def is_done(workdir: str | os.PathLike) -> bool:
-    return (Path(workdir) / DONE_FILE).exists()
+    """A finished run, or a converted network put in the run's place (never trained over)."""
+    return (Path(workdir) / DONE_FILE).exists() or convert.is_pretrained(workdir)
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-    """The final model variables (SWA average if on) of a finished run, on the host."""
+    """The final model variables (SWA average if on) of a finished run, on the host.
+
+    A converted network (`experiments.convert_weights --output=<workdir>`) must match
+    ``config.model``.
+    """
+    if convert.is_pretrained(workdir):
+        return load_pretrained(str(workdir), like=config.model)[1]
     return restore_final_variables(config, str(workdir))
 
 
 # -- evaluation ----------------------------------------------------------------------------
 
-def predictor(configs_and_variables: Sequence[tuple[ml_collections.ConfigDict, dict]]):
-    """``predict(features) -> ensemble softmax`` averaging the models' probabilities."""
-    models = [(build_model(c.model), v) for c, v in configs_and_variables]
+def predictor(configs_and_variables: Sequence[tuple[ml_collections.ConfigDict | nn.Module, dict]]):
+    """``predict(features) -> ensemble softmax`` averaging the models' probabilities.
+
+    Each model is given by its run config or as a module (a converted network's, from
+    `xeno_jax.models.load_pretrained`).
+    """
+    models = [(c if isinstance(c, nn.Module) else build_model(c.model), v)
+              for c, v in configs_and_variables]
     applies = [jax.jit(functools.partial(m.apply, train=False)) for m, _ in models]
 
     def predict(features):

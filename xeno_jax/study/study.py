@@ -48,7 +48,8 @@ class Evaluation:
 def run_configs(config: ml_collections.ConfigDict, configuration: str
                 ) -> list[tuple[int, int, ml_collections.ConfigDict]]:
     """(outer, fold, run config) of every training run of a configuration in the study."""
-    base = run_config(configuration, quick=config.quick, dataset=config.dataset)
+    base = run_config(configuration, quick=config.quick, dataset=config.dataset,
+                      model=config.get("model", ""))
     with base.unlocked():
         base.data.data_dir = str(config.data_dir)
         base.data.spec = config.data.spec if "data" in config else ""

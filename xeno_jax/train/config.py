@@ -14,7 +14,7 @@ import jax
 import ml_collections
 
 from xeno_jax.labels import SPECIES_12
-from xeno_jax.models import DTYPES, NORMS, VARIANTS
+from xeno_jax.models import DTYPES, MODEL_NAMES, NORMS, VARIANTS
 from xeno_jax.train.parallel import BACKENDS
 
 
@@ -27,8 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "unet"  # the only network so far
-    config.model.variant = "default"  # "tiny" (CPU runs) | "default" (480x640 on one GPU)
+    # "unet" (ours) | "unet_efficientnet_b5" (the reference's smp U-Net; b0..b7 exist too)
+    config.model.name = "unet"
+    config.model.variant = "default"  # unet: "tiny" (CPU runs) | "default" (480x640, one GPU)
     # Channels per resolution level, overriding the variant's; depth = len(widths) - 1 2x
     # downsamplings. Empty: the variant's widths.
     config.model.widths = ()
@@ -37,6 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # computation dtype: "float32" | "bfloat16"; params float32
     config.model.in_channels = 100  # spectral channels of the input
     config.model.num_classes = SPECIES_12.num_classes  # 12; labels == 12 are invalid
+    # Directory of a converted network (experiments.convert_weights) whose weights a new run
+    # starts from, instead of a random initialisation; "" for none.
+    config.model.init_from = ""
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 8  # global batch size, over all devices and hosts
@@ -92,6 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       ValueError: naming the key and the offending value.
     """
     choices = {
+        "model.name": (config.model.name, MODEL_NAMES),
         "model.variant": (config.model.variant, tuple(VARIANTS)),
         "model.norm": (config.model.norm, NORMS),
         "model.dtype": (config.model.dtype, tuple(DTYPES)),

@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from xeno_jax.models import build_model
+from xeno_jax.models import build_model, load_pretrained
 from xeno_jax.train import checkpoint as ckpt
 from xeno_jax.train.config import steps_per_epoch, swa_start_epoch, validate_config
 from xeno_jax.train.metrics_writer import MetricsWriter
@@ -107,7 +107,8 @@ class TrainingSetup:
       swa_schedule: SWA snapshot steps, or None without SWA.
       schedule: the learning-rate schedule.
       optimizer: the optax transformation.
-      init_state: ``() -> TrainState``, jitted to the replicated layout of the mesh.
+      init_state: ``(variables=None) -> TrainState``, jitted to the replicated layout of the
+        mesh; `variables` replace the random initialisation.
     """
 
     epoch_steps: int
@@ -115,7 +116,7 @@ class TrainingSetup:
     swa_schedule: SWASchedule | None
     schedule: Callable[[Any], Any]
     optimizer: Any
-    init_state: Callable[[], TrainState]
+    init_state: Callable[..., TrainState]
 
 
 def training_setup(config: ml_collections.ConfigDict, model: Any,
@@ -211,7 +212,11 @@ def train(
     # ---- State: new, or restored from the latest checkpoint -------------------------------
     manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
     if manager.latest_step() is None:
-        state = init_state()
+        initial = None
+        if config.model.get("init_from"):  # converted weights, e.g. the reference's networks
+            _, initial = load_pretrained(config.model.init_from, like=config.model)
+            initial = put_replicated(initial, mesh)
+        state = init_state(variables=initial)
     else:
         state = ckpt.restore_checkpoint(manager, jax.eval_shape(init_state), train_iter)
     if state.batch_stats and getattr(model, "axis_name", None) != DATA_AXIS:

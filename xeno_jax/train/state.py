@@ -127,6 +127,7 @@ def create_train_state(
     seed: int,
     input_shape: tuple[int, ...],
     swa_schedule: SWASchedule | None,
+    variables: Any = None,
 ) -> TrainState:
     """Initialises parameters, optimiser state, PRNG key and SWA average (jittable).
 
@@ -136,15 +137,18 @@ def create_train_state(
       seed: seed of the parameter initialisation and of the run's base PRNG key.
       input_shape: shape of a dummy input ``(1, H, W, C)``; only C matters for the U-Net.
       swa_schedule: SWA snapshot schedule, or None without SWA.
+      variables: start from these model variables (e.g. converted weights) instead of a
+        random initialisation.
 
     Returns:
       The step-0 `TrainState`.
     """
-    # Parameters are drawn with an RBG key: XLA compiles threefry-based initialisers slowly on
-    # CPU (seconds for even a tiny network), and RBG's bits depending on the sharding does not
-    # matter for replicated parameters. The per-step keys use the default threefry generator.
-    init_key = jax.random.key(seed, impl="rbg")
-    variables = model.init(init_key, jnp.zeros(input_shape, jnp.float32), train=False)
+    if variables is None:
+        # Parameters are drawn with an RBG key: XLA compiles threefry-based initialisers slowly
+        # on CPU (seconds for even a tiny network), and RBG's bits depending on the sharding
+        # does not matter for replicated parameters. The per-step keys use threefry.
+        init_key = jax.random.key(seed, impl="rbg")
+        variables = model.init(init_key, jnp.zeros(input_shape, jnp.float32), train=False)
     params = variables["params"]
     batch_stats = variables.get("batch_stats", {})
     swa_params = swa_count = swa_batch_stats = None

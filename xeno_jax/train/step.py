@@ -21,6 +21,7 @@ from xeno_jax.train.parallel import DATA_AXIS
 from xeno_jax.train.state import SWASchedule, TrainState, variables_dict
 
 Batch = Mapping[str, jax.Array]
+DROPOUT_STREAM = 1  # fold_in constant of the model's "dropout" key
 AugmentFn = Callable[..., Batch]  # augment(key, batch) or augment(key, batch, augment_data)
 
 
@@ -54,6 +55,14 @@ def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
     return jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
+
+
+def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
+    """The model's PRNG streams in training ("dropout": the EfficientNet's drop-connect).
+
+    Derived from the step's key by ``fold_in``, so the augmentation's draws stay as they are.
+    """
+    return {"dropout": jax.random.fold_in(key, DROPOUT_STREAM)}
 
 
 def take_swa_snapshot(state: TrainState, schedule: SWASchedule) -> TrainState:
@@ -105,7 +114,8 @@ def train_step(
       ``(new_state, metrics)``; metrics are the same on every device: "loss", "cross_entropy",
       "dice", "grad_norm" and "finite" (bool).
     """
-    batch = _augment(augment, step_key(state.rng, state.step), batch, augment_data)
+    key = step_key(state.rng, state.step)
+    batch = _augment(augment, key, batch, augment_data)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -113,6 +123,7 @@ def train_step(
             batch["features"],
             train=True,
             mutable=["batch_stats"],
+            rngs=model_rngs(key),
         )
         loss, terms = segmentation_loss(
             logits, batch["labels"], batch["valid"], axis_name=DATA_AXIS
@@ -182,8 +193,9 @@ def batch_norm_statistics_step(
       The batch's ``batch_stats`` collection.
     """
     variables, rng, step = inputs
-    batch = _augment(augment, step_key(rng, step), batch, augment_data)
+    key = step_key(rng, step)
+    batch = _augment(augment, key, batch, augment_data)
     _, updates = model.clone(bn_momentum=0.0).apply(
-        variables, batch["features"], train=True, mutable=["batch_stats"]
+        variables, batch["features"], train=True, mutable=["batch_stats"], rngs=model_rngs(key)
     )
     return updates["batch_stats"]
