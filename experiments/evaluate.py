@@ -1,7 +1,9 @@
 """Scores trained networks on a test set and prints class-level DSC (and NSD) per label.
 
-One --workdir scores that run; several score their ensemble (mean softmax, method.md C3). Every
-run directory must hold a finished run of --config; its folds are read from its done.json.
+One --workdir scores that run; several score their ensemble (mean softmax, method.md C3),
+predicted data-parallel on all devices (`xeno_jax.train.predictor`, as validation and the study
+predict). Every run directory must hold a finished run of --config; its folds are read from its
+done.json.
 
   python -m experiments.evaluate --config=experiments/configs/baseline.py:human,quick \
       --workdir=runs/bh --test_set=physiological
@@ -47,14 +49,21 @@ def run_config_of(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
                                 int(record.get("fold", config.data.fold)))
 
 
+def load_models(config: ml_collections.ConfigDict, workdirs: list[str]
+                ) -> list[tuple[int, ml_collections.ConfigDict, dict]]:
+    """``(outer fold, run config, final variables)`` of the finished run in each directory."""
+    models = []
+    for workdir in workdirs:
+        run = run_config_of(config, workdir)
+        models.append((run.data.outer_fold, run, runs.restore_variables(run, workdir)))
+    return models
+
+
 def main(argv):
     del argv
     common.start()
     config = _CONFIG.value
-    models = []
-    for workdir in _WORKDIRS.value:
-        run = run_config_of(config, workdir)
-        models.append((run.data.outer_fold, run, runs.restore_variables(run, workdir)))
+    models = load_models(config, _WORKDIRS.value)
     parsed = parse_configuration(config.configuration)
     table = score_test_set(parsed, _TEST_SET.value, models, dataset=config.data.dataset,
                            data_dir=runs.data_dir_of(config),

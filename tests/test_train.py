@@ -46,6 +46,7 @@ from xeno_jax.train.parallel import (
     put_replicated,
     replicated_sharding,
 )
+from xeno_jax.train.predict import predictor
 from xeno_jax.train.state import (
     SWASchedule,
     TrainState,
@@ -271,6 +272,23 @@ def test_transplantation_changes_as_many_images_on_any_device_count():
         labels = augment_on(num_devices, transplant, None, batch)["labels"]
         changed = np.any(labels != batch["labels"], axis=(1, 2))
         np.testing.assert_array_equal(np.flatnonzero(changed), [0, 1, 2, 3, 4, 7])
+
+
+# ---- Prediction ------------------------------------------------------------------------------
+
+
+def test_predictor_averages_the_softmax_of_the_models_over_all_devices():
+    """A two-model ensemble on 8 devices: the mean of each model's own softmax, rows padded.
+    (Both launchers predict in `test_data_parallel_is_exact`.)"""
+    models = [UNet(widths=(4,), stem_width=None, norm="batch"),
+              UNet(widths=(8, 16), stem_width=None, norm="group")]
+    features = DATA["features"][:VALIDATION_IMAGES]
+    variables = [jax.jit(functools.partial(m.init, train=False))(jax.random.key(i), features)
+                 for i, m in enumerate(models)]
+    predict = predictor(models, make_mesh(8))(variables)
+    expected = np.mean([jax.jit(lambda v, x, m=m: jax.nn.softmax(m.apply(v, x, train=False)))(
+        v, features) for m, v in zip(models, variables, strict=True)], axis=0)
+    np.testing.assert_allclose(predict(features), expected, atol=1e-6)
 
 
 # ---- Training runs: exactness over devices and launchers, resume, NaN -----------------------

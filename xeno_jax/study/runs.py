@@ -13,7 +13,6 @@ interrupted and restarted:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -38,7 +37,6 @@ from xeno_jax.data import (
 )
 from xeno_jax.evaluate import (
     ScoreTable,
-    average_probabilities,
     class_level,
     evaluate_images,
     nsd_tolerances,
@@ -53,6 +51,7 @@ from xeno_jax.spectra import sto2, tivita_wavelengths
 from xeno_jax.train import train
 from xeno_jax.train.loop import restore_final_variables
 from xeno_jax.train.parallel import make_mesh
+from xeno_jax.train.predict import predictor as data_parallel_predictor
 
 REFERENCE_HEIGHT = 480  # NSD tolerances are in pixels of 480 x 640 images
 DONE_FILE = "done.json"
@@ -257,15 +256,14 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str | os.PathL
 # -- evaluation ----------------------------------------------------------------------------
 
 def predictor(configs_and_variables: Sequence[tuple[ml_collections.ConfigDict, dict]]):
-    """``predict(features) -> ensemble softmax`` averaging the models' probabilities."""
-    models = [(build_model(c.model), v) for c, v in configs_and_variables]
-    applies = [jax.jit(functools.partial(m.apply, train=False)) for m, _ in models]
-
-    def predict(features):
-        logits = [apply(v, features) for apply, (_, v) in zip(applies, models, strict=True)]
-        return np.asarray(average_probabilities(np.stack(logits)))
-
-    return predict
+    """``predict(features) -> probabilities``: the mean softmax of the models (a fold ensemble,
+    or one model), through the training loop's data-parallel `xeno_jax.train.predictor` on the
+    mesh and launcher of the first config."""
+    first = configs_and_variables[0][0]
+    models = [build_model(config.model) for config, _ in configs_and_variables]
+    bind = data_parallel_predictor(models, make_mesh(first.parallel.num_devices),
+                                   backend=first.parallel.backend)
+    return bind([variables for _, variables in configs_and_variables])
 
 
 def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_size: int, *,

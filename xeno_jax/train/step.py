@@ -12,6 +12,7 @@ already augmented. Bind their keyword arguments with ``functools.partial`` befor
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from xeno_jax.evaluate.ensemble import ensemble_predict
 from xeno_jax.train.losses import segmentation_loss
 from xeno_jax.train.parallel import DATA_AXIS
 from xeno_jax.train.state import SWASchedule, TrainState, variables_dict
@@ -181,15 +183,8 @@ def predict_step(
     Returns:
       The (mean) per-pixel class probabilities.
     """
-    if len(models) != len(variables) or not models:
-        raise ValueError(f"got {len(models)} models for {len(variables)} sets of variables")
-    features = features.astype(jnp.float32)
-    total = None
-    for model, model_variables in zip(models, variables, strict=True):
-        logits = model.apply(model_variables, features, train=False)
-        probabilities = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        total = probabilities if total is None else total + probabilities
-    return total / len(models)
+    applies = [functools.partial(model.apply, train=False) for model in models]
+    return ensemble_predict(applies, variables, features.astype(jnp.float32))[0]
 
 
 def batch_norm_statistics_step(
