@@ -401,11 +401,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, reference_run):
     assert_trees_close(finished.state.swa_params, reference_run.state.swa_params, atol=1e-6)
 
 
-def test_nan_loss_stops_training_and_the_last_checkpoint_restores(tmp_path):
+@pytest.mark.parametrize("nan_at", [2, 3])  # step 3: read while step 4 runs; 4: a checkpoint step
+def test_nan_loss_stops_training_and_the_last_checkpoint_restores(tmp_path, nan_at):
     config = tiny_config(num_devices=2)
     config.train.checkpoint_every_steps = 2
-    with pytest.raises(NonFiniteLossError, match=r"step 4.*latest checkpoint \(step 2\)"):
-        train(config, str(tmp_path), train_iter=InMemoryIterator(DATA, 8, nan_at=3))
+    config.train.log_every_steps = 1000  # no reads at logging steps: flags are read a step late
+    with pytest.raises(NonFiniteLossError,
+                       match=rf"step {nan_at + 1}.*latest checkpoint \(step 2\)"):
+        train(config, str(tmp_path), train_iter=InMemoryIterator(DATA, 8, nan_at=nan_at))
     manager = checkpoint_manager(str(tmp_path), max_to_keep=None)
     assert manager.all_steps() == [2]  # nothing saved from the failed step
 
