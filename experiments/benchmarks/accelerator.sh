@@ -38,23 +38,23 @@ if [[ $smoke == 1 ]]; then
     --steps=1 --repeats=1 --threads=2 "--data_dir=$data_dir"
   add augment "ms per batch" experiments/benchmarks/augment.py --batch=2 --height=32 --width=40 \
     --repeats=1 --matmul-size=256
-  add projections "pairs/s|speed-up|kidney" experiments/benchmarks/projections.py --sources=2 \
+  add projections "pairs/s|speed-up|kidney set" experiments/benchmarks/projections.py --sources=2 \
     --targets=4 --pixels=1000 --pixel-pairs=1
-  add simulate "cubes/s \[|fraction of the target" experiments/benchmarks/simulate.py \
+  add simulate "calls.*cubes/s|fraction of the target" experiments/benchmarks/simulate.py \
     --parts=throughput --repeats=1 --batch=1
-  add input_pipeline "^  (raw|decoded|pipeline)|pipeline / raw" \
+  add input_pipeline "^  path |^  pipeline  |pipeline / raw bytes, parallel" \
     experiments/benchmarks/input_pipeline.py --images_per_set=1 --batch_size=2 --threads=2 \
     --waves=1 --repeats=1 "--data_dir=$data_dir"
 else
   # The input pipeline first: it builds the full-size dataset the training benchmark reads.
-  add input_pipeline "^  (raw|decoded|pipeline)|pipeline / raw" \
+  add input_pipeline "^  path |^  pipeline  |pipeline / raw bytes, parallel" \
     experiments/benchmarks/input_pipeline.py --images_per_set=5 --batch_size=8 --threads=8 \
     --waves=2 --repeats=2 "--data_dir=$data_dir"
   add train "RESULT" experiments/benchmarks/train.py --models=default --dtypes=float32,bfloat16 \
     --steps=5 --repeats=2 --threads=8 "--data_dir=$data_dir"
   add augment "ms per batch" experiments/benchmarks/augment.py --batch=8 --repeats=10
-  add projections "pairs/s|speed-up|kidney" experiments/benchmarks/projections.py --kidney
-  add simulate "cubes/s \[|fraction of the target" experiments/benchmarks/simulate.py \
+  add projections "pairs/s|speed-up|kidney set" experiments/benchmarks/projections.py --kidney
+  add simulate "calls.*cubes/s|fraction of the target" experiments/benchmarks/simulate.py \
     --parts=throughput --repeats=3 --batch=8
 fi
 
@@ -66,8 +66,8 @@ for i in "${!names[@]}"; do
   start=$SECONDS
   # shellcheck disable=SC2086  # the command is a list of words
   if $python ${commands[$i]} >"$log" 2>&1; then
-    results+=("$(grep -E "${patterns[$i]}" "$log" | sed -e 's/^ *//' -e 's/|/\\|/g' \
-                 | paste -sd ';' - | sed 's/;/<br>/g')")
+    results+=("$(grep -E "${patterns[$i]}" "$log" | sed -e 's/^ *//' -e 's/  */ /g' \
+                 -e 's/|/\\|/g' | awk 'NR > 1 { printf "<br>" } { printf "%s", $0 }')")
   else
     status=1
     results+=("FAILED: $(tail -n 1 "$log" | sed 's/|/\\|/g')")

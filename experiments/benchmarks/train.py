@@ -13,7 +13,7 @@ For each model and compute dtype, in one run with the repetitions of the modes i
 - ``step+augment+pipeline``: as `train` runs: every batch from `xeno_jax.data.train_iterator`
   (label-balanced sampler, grain reader threads, L1 normalisation, device placement), the
   global-batch augmentation and the step; the NaN/Inf flag is read one step late;
-- ``step+augment+pipeline, read every step [before]``: the same, waiting for every step's flag
+- ``step+augment+pipeline read every step [before]``: the same, waiting for every step's flag
   before the next step is dispatched (the host synchronisation the loop had before);
 - ``augment alone``: the augmentation pipeline jitted on its own on the same batch, for
   comparison with what it adds to the step.
@@ -69,7 +69,7 @@ from xeno_jax.train.parallel import (
 from xeno_jax.train.step import augment_batch, step_key, train_step
 
 STEP, AUGMENT, PER_DEVICE = "step", "step+augment", "step+augment per device [before]"
-PIPELINE, PIPELINE_SYNC = "step+augment+pipeline", "step+augment+pipeline, read every step [before]"
+PIPELINE, PIPELINE_SYNC = "step+augment+pipeline", "step+augment+pipeline read every step [before]"
 ALONE = "augment alone"
 MODES = (STEP, AUGMENT, PER_DEVICE, PIPELINE, PIPELINE_SYNC, ALONE)
 MODELS = ("quick", "default", "smoke")

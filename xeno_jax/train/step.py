@@ -70,7 +70,9 @@ def augment_batch(
     work over the devices the batch lives on, while the result is that of one device holding
     every row, so a recipe means the same on any number of devices and processes (per-image
     draws come from one key for the whole batch; organ transplantation pairs rows across device
-    boundaries).
+    boundaries). Per-image work (warps, flips, transplantation, L1) stays on each row's device;
+    the projection step's tile loop (`xeno_jax.augment.project_spectra`) runs over the tiles of
+    the whole batch on every device, with an all-reduce of each tile (2048 spectra).
 
     Args:
       rng: uint32 key data of the run's base key (`TrainState.rng`).
