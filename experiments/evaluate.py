@@ -1,9 +1,10 @@
 """Scores trained networks on a test set and prints class-level DSC (and NSD) per label.
 
-One --workdir scores that run; several score their ensemble (mean softmax, method.md C3). Every
-run directory must hold a finished run of --config (its folds are read from its done.json) or
-networks converted from PyTorch (``experiments.convert_weights``; a folder of converted folds is
-their ensemble, scored as outer fold --config.data.outer_fold).
+One --workdir scores that run; several score their ensemble (mean softmax, method.md C3),
+predicted data-parallel on all devices (`xeno_jax.train.predictor`, as validation and the study
+predict). Every run directory must hold a finished run of --config (its folds are read from its
+done.json) or networks converted from PyTorch (``experiments.convert_weights``; a folder of
+converted folds is their ensemble, scored as outer fold --config.data.outer_fold).
 
   python -m experiments.evaluate --config=experiments/configs/baseline.py:human,quick \
       --workdir=runs/bh --test_set=physiological
@@ -21,6 +22,7 @@ import json
 import logging
 from pathlib import Path
 
+import flax.linen as nn
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -52,12 +54,13 @@ def run_config_of(config: ml_collections.ConfigDict, workdir: str) -> ml_collect
                                 int(record.get("fold", config.data.fold)))
 
 
-def main(argv):
-    del argv
-    common.start()
-    config = _CONFIG.value
+def load_models(config: ml_collections.ConfigDict, workdirs: list[str]
+                ) -> list[tuple[int, ml_collections.ConfigDict | nn.Module, dict]]:
+    """``(outer fold, run config or converted network, final variables)`` of every model: the
+    finished run in a directory, or the networks converted from PyTorch there (a folder of
+    converted folds is their ensemble, scored as outer fold --config.data.outer_fold)."""
     models = []
-    for workdir in _WORKDIRS.value:
+    for workdir in workdirs:
         converted = convert.find_pretrained(workdir)  # e.g. a reference run's converted folds
         for directory in converted:
             model, variables = load_pretrained(str(directory))
@@ -66,6 +69,14 @@ def main(argv):
             continue
         run = run_config_of(config, workdir)
         models.append((run.data.outer_fold, run, runs.restore_variables(run, workdir)))
+    return models
+
+
+def main(argv):
+    del argv
+    common.start()
+    config = _CONFIG.value
+    models = load_models(config, _WORKDIRS.value)
     parsed = parse_configuration(config.configuration)
     table = score_test_set(parsed, _TEST_SET.value, models, dataset=config.data.dataset,
                            data_dir=runs.data_dir_of(config),

@@ -1,7 +1,8 @@
 """Fakes for the training tests, and the worker process of the two-process test.
 
 As a module it provides a deterministic in-memory data iterator with grain's
-``get_state``/``set_state`` protocol, a tiny random dataset and a tiny training config.
+``get_state``/``set_state`` protocol, a tiny random dataset, a tiny training config and the
+xeno-learning augmentation for its images.
 
 As a script it is one process of a multi-process run on localhost:
 
@@ -10,7 +11,8 @@ As a script it is one process of a multi-process run on localhost:
       --workdir=/tmp/run --backend=shard_map --output=/tmp/params.npz
 
 It calls ``jax.distributed.initialize``, trains with `xeno_jax.train.train` on this process's
-rows of every batch and (process 0) writes the final parameters to ``--output``.
+rows of every batch with the xeno-learning augmentation, validates with the loop's predictor,
+and (process 0) writes the final parameters and the predictions to ``--output``.
 """
 
 from __future__ import annotations
@@ -88,6 +90,35 @@ def make_dataset(num_examples=24, seed=0):
     return {"features": features, "labels": labels, "valid": valid}
 
 
+def xeno_augmentation(seed=0):
+    """``(augment, bank)``: the xeno-learning preset (kidney) with a random near-identity bank
+    of `NUM_CHANNELS`-band maps, for `make_dataset` images."""
+    from xeno_jax.augment import build_pipeline, preset
+    from xeno_jax.labels import SPECIES_12
+    from xeno_jax.projections import ProjectionBank
+
+    rng = np.random.default_rng(seed)
+    pairs = 3
+    weights = np.eye(NUM_CHANNELS) + rng.normal(0, 0.2, (pairs, NUM_CHANNELS, NUM_CHANNELS))
+    biases = rng.normal(0, 0.01, (pairs, NUM_CHANNELS))
+    bank = ProjectionBank.from_pairs({SPECIES_12.name_to_index("kidney"): (weights, biases)})
+    return build_pipeline(preset("xeno", target_labels=("kidney",))), bank
+
+
+VALIDATION_IMAGES = 3  # not a multiple of the device count: predict pads
+
+
+def validation_recorder(predictions):
+    """A ``val_fn`` that stores the probabilities of the first `VALIDATION_IMAGES` images."""
+    features = make_dataset()["features"][:VALIDATION_IMAGES]
+
+    def val_fn(step, predict):
+        predictions[step] = predict(features)
+        return {"max_probability": float(predictions[step].max())}
+
+    return val_fn
+
+
 def tiny_config(*, num_devices=0, backend="shard_map", steps=5, batch_size=8, norm="batch",
                 swa=False):
     """A config for a few steps of a tiny U-Net on `make_dataset` images (one epoch).
@@ -113,6 +144,7 @@ def tiny_config(*, num_devices=0, backend="shard_map", steps=5, batch_size=8, no
     config.train.learning_rate = 1e-5
     config.train.swa = swa
     config.train.log_every_steps = 1
+    config.train.validate_every_epochs = 1
     config.train.checkpoint_every_steps = 1000
     config.parallel.backend = backend
     config.parallel.num_devices = num_devices
@@ -145,11 +177,15 @@ def main():
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    state = train(config, args.workdir, train_iter=data_iter)
+    augment, bank = xeno_augmentation()
+    predictions = {}
+    state = train(config, args.workdir, train_iter=data_iter, augment=augment, augment_data=bank,
+                  val_fn=validation_recorder(predictions))
     params = parallel.fetch_replicated(state.params)
     if jax.process_index() == 0:
         flat = {jax.tree_util.keystr(path): leaf
                 for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        flat.update({f"prediction_{step}": p for step, p in predictions.items()})
         np.savez(args.output + ".tmp.npz", **flat)
         os.replace(args.output + ".tmp.npz", args.output)
     jax.distributed.shutdown()

@@ -1,4 +1,5 @@
-"""Two processes (jax.distributed on localhost, 2 CPU devices each) equal one 4-device process."""
+"""Two processes (jax.distributed on localhost, 2 CPU devices each) equal one 4-device process:
+training with the xeno-learning augmentation, and prediction."""
 
 import json
 import os
@@ -9,7 +10,13 @@ import sys
 import jax
 import numpy as np
 import pytest
-from distributed_worker import InMemoryIterator, make_dataset, tiny_config
+from distributed_worker import (
+    InMemoryIterator,
+    make_dataset,
+    tiny_config,
+    validation_recorder,
+    xeno_augmentation,
+)
 
 from xeno_jax.train import train
 from xeno_jax.train.parallel import fetch_replicated
@@ -62,10 +69,15 @@ def test_two_processes_agree_with_one_process(tmp_path, backend):
 
     single_workdir = tmp_path / "one_process"
     config = tiny_config(num_devices=4, backend=backend)
+    augment, bank = xeno_augmentation()
+    predictions = {}
     state = train(config, str(single_workdir),
-                  train_iter=InMemoryIterator(make_dataset(), config.train.batch_size))
+                  train_iter=InMemoryIterator(make_dataset(), config.train.batch_size),
+                  augment=augment, augment_data=bank, val_fn=validation_recorder(predictions))
     expected = {jax.tree_util.keystr(path): leaf for path, leaf in
                 jax.tree_util.tree_flatten_with_path(fetch_replicated(state.params))[0]}
+    expected.update({f"prediction_{step}": p for step, p in predictions.items()})
+    assert list(predictions) == [5]
 
     with np.load(output) as got:
         assert sorted(got.files) == sorted(expected)

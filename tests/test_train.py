@@ -10,10 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from distributed_worker import InMemoryIterator, SimulatedCrash, make_dataset, tiny_config
+from distributed_worker import (
+    VALIDATION_IMAGES,
+    InMemoryIterator,
+    SimulatedCrash,
+    make_dataset,
+    tiny_config,
+    validation_recorder,
+    xeno_augmentation,
+)
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
+from xeno_jax.augment import build_pipeline, preset
 from xeno_jax.models import UNet
 from xeno_jax.train import (
     MetricsWriter,
@@ -31,10 +40,13 @@ from xeno_jax.train.checkpoint import restore_checkpoint, save_checkpoint
 from xeno_jax.train.config import swa_start_epoch
 from xeno_jax.train.parallel import (
     data_parallel,
+    fetch_global_rows,
     fetch_replicated,
+    on_global_batch,
     put_replicated,
     replicated_sharding,
 )
+from xeno_jax.train.predict import predictor
 from xeno_jax.train.state import (
     SWASchedule,
     TrainState,
@@ -42,7 +54,7 @@ from xeno_jax.train.state import (
     learning_rate_schedule,
     make_optimizer,
 )
-from xeno_jax.train.step import step_key, train_step
+from xeno_jax.train.step import augment_batch, train_step
 
 DATA = make_dataset()
 NUM_CLASSES = 12
@@ -220,48 +232,66 @@ def test_swa_from_epoch_zero_counts_the_initial_parameters():
     assert int(state.swa_count) == 1
 
 
-# ---- Augmentation inside the step ---------------------------------------------------------
+# ---- Augmentation of the global batch -------------------------------------------------------
 
 
-def test_augmentation_runs_in_the_step_with_its_data():
-    """augment(key, batch, augment_data) scaling the features == feeding scaled features."""
-    mesh = make_mesh(2)
-    model = UNet(widths=(4,), stem_width=None, norm="none")
-    optimizer = make_optimizer(1e-3)
-    init = jax.jit(functools.partial(create_train_state, model, optimizer, seed=0,
-                                     input_shape=(1, 16, 16, 4), swa_schedule=None),
-                   out_shardings=replicated_sharding(mesh))
+def augment_on(num_devices, augment, bank, batch, step=5):
+    """`augment_batch` of step `step` run as the loop runs it, on the first devices, to host."""
+    mesh = make_mesh(num_devices)
+    run = on_global_batch(functools.partial(augment_batch, augment=augment), mesh)
+    rng = jax.random.key_data(jax.random.key(3))
+    out = run(put_replicated(rng, mesh), put_replicated(np.int32(step), mesh),
+              shard_batch(batch, mesh), put_replicated(bank, mesh))
+    return jax.tree.map(fetch_global_rows, out)
 
-    def scale(key, batch, data):
-        del key
-        return {**batch, "features": batch["features"] * data["factor"]}
 
+@pytest.mark.parametrize("name", ["baseline", "xeno"])
+def test_augmented_batch_is_the_same_on_any_device_count(name):
+    augment, bank = xeno_augmentation()
+    if name == "baseline":
+        augment, bank = build_pipeline(preset("baseline")), None
     batch = next(InMemoryIterator(DATA, 8))
-    augmented = data_parallel(
-        functools.partial(train_step, model=model, optimizer=optimizer, augment=scale), mesh
-    )(init(), shard_batch(batch, mesh), put_replicated({"factor": np.float32(3.0)}, mesh))
-    plain = data_parallel(functools.partial(train_step, model=model, optimizer=optimizer), mesh)(
-        init(), shard_batch({**batch, "features": batch["features"] * 3}, mesh)
-    )
-    assert_trees_close(fetch_replicated(augmented[0].params), fetch_replicated(plain[0].params),
-                       atol=1e-7)
+    one = augment_on(1, augment, bank, batch)
+    assert np.any(one["labels"] != batch["labels"])
+    assert np.any(one["features"] != batch["features"])
+    for num_devices in (2, 4, 8):
+        many = augment_on(num_devices, augment, bank, batch)
+        np.testing.assert_array_equal(many["labels"], one["labels"])
+        np.testing.assert_array_equal(many["valid"], one["valid"])
+        # Features to float rounding: XLA fuses the bilinear warp differently per shard shape.
+        np.testing.assert_allclose(many["features"], one["features"], rtol=1e-5, atol=1e-7)
+    other_step = augment_on(8, augment, bank, batch, step=6)
+    assert np.any(other_step["labels"] != one["labels"])
 
 
-def test_step_keys_differ_between_devices_and_steps():
-    mesh = make_mesh(4)
-    rng = jax.random.key_data(jax.random.key(0))
-    keys = jax.jit(jax.shard_map(
-        lambda step: jax.random.key_data(step_key(rng, step))[None],
-        mesh=mesh, in_specs=P(), out_specs=P("data"),
-    ))
-    at_5, at_6 = np.asarray(keys(jnp.int32(5))), np.asarray(keys(jnp.int32(6)))
-    assert len({tuple(k) for k in np.concatenate([at_5, at_6])}) == 8
+def test_transplantation_changes_as_many_images_on_any_device_count():
+    """p = 0.8 of a batch of 8: int(6.4) = 6 donors, partners across device boundaries."""
+    transplant = build_pipeline([{"name": "transplant", "p": 0.8}])
+    batch = next(InMemoryIterator(DATA, 8))
+    for num_devices in (1, 2, 4, 8):
+        labels = augment_on(num_devices, transplant, None, batch)["labels"]
+        changed = np.any(labels != batch["labels"], axis=(1, 2))
+        np.testing.assert_array_equal(np.flatnonzero(changed), [0, 1, 2, 3, 4, 7])
+
+
+# ---- Prediction ------------------------------------------------------------------------------
+
+
+def test_predictor_averages_the_softmax_of_the_models_over_all_devices():
+    """A two-model ensemble on 8 devices: the mean of each model's own softmax, rows padded.
+    (Both launchers predict in `test_data_parallel_is_exact`.)"""
+    models = [UNet(widths=(4,), stem_width=None, norm="batch"),
+              UNet(widths=(8, 16), stem_width=None, norm="group")]
+    features = DATA["features"][:VALIDATION_IMAGES]
+    variables = [jax.jit(functools.partial(m.init, train=False))(jax.random.key(i), features)
+                 for i, m in enumerate(models)]
+    predict = predictor(models, make_mesh(8))(variables)
+    expected = np.mean([jax.jit(lambda v, x, m=m: jax.nn.softmax(m.apply(v, x, train=False)))(
+        v, features) for m, v in zip(models, variables, strict=True)], axis=0)
+    np.testing.assert_allclose(predict(features), expected, atol=1e-6)
 
 
 # ---- Training runs: exactness over devices and launchers, resume, NaN -----------------------
-
-VALIDATION_IMAGES = 3  # not a multiple of the device count: predict pads
-
 
 def swa_config(**kwargs):
     """5 epochs of 1 step, SWA (snapshots after steps 2, 3, 4) and a batch-norm pass."""
@@ -290,13 +320,11 @@ class Run:
 
 
 def run_training(workdir, config, data_iter):
+    """Trains with the xeno-learning augmentation, recording validation predictions."""
     predictions = {}
-
-    def val_fn(step, predict):
-        predictions[step] = predict(DATA["features"][:VALIDATION_IMAGES])
-        return {"max_probability": float(predictions[step].max())}
-
-    state = train(config, str(workdir), train_iter=data_iter, val_fn=val_fn)
+    augment, bank = xeno_augmentation()
+    state = train(config, str(workdir), train_iter=data_iter, augment=augment,
+                  augment_data=bank, val_fn=validation_recorder(predictions))
     return Run(fetch_replicated(state), data_iter.seen, predictions, str(workdir))
 
 
@@ -338,7 +366,8 @@ def test_reference_run_logs_validates_and_averages(reference_run):
 @SHARES_REFERENCE_RUN
 @pytest.mark.parametrize("backend", ["shard_map", "pmap"])
 def test_data_parallel_is_exact(tmp_path, reference_run, backend):
-    """8 devices, 1 image each, give the parameters of 1 device with the whole batch."""
+    """8 devices, 1 image each, give the parameters of 1 device with the whole batch, with the
+    xeno-learning augmentation on."""
     run = run_training(tmp_path, swa_config(num_devices=8, backend=backend),
                        InMemoryIterator(DATA, 8))
     for name, rtol in [("loss", 1e-5), ("cross_entropy", 1e-5), ("dice", 1e-5),
@@ -372,11 +401,14 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, reference_run):
     assert_trees_close(finished.state.swa_params, reference_run.state.swa_params, atol=1e-6)
 
 
-def test_nan_loss_stops_training_and_the_last_checkpoint_restores(tmp_path):
+@pytest.mark.parametrize("nan_at", [2, 3])  # step 3: read while step 4 runs; 4: a checkpoint step
+def test_nan_loss_stops_training_and_the_last_checkpoint_restores(tmp_path, nan_at):
     config = tiny_config(num_devices=2)
     config.train.checkpoint_every_steps = 2
-    with pytest.raises(NonFiniteLossError, match=r"step 4.*latest checkpoint \(step 2\)"):
-        train(config, str(tmp_path), train_iter=InMemoryIterator(DATA, 8, nan_at=3))
+    config.train.log_every_steps = 1000  # no reads at logging steps: flags are read a step late
+    with pytest.raises(NonFiniteLossError,
+                       match=rf"step {nan_at + 1}.*latest checkpoint \(step 2\)"):
+        train(config, str(tmp_path), train_iter=InMemoryIterator(DATA, 8, nan_at=nan_at))
     manager = checkpoint_manager(str(tmp_path), max_to_keep=None)
     assert manager.all_steps() == [2]  # nothing saved from the failed step
 

@@ -255,6 +255,19 @@ class MBConvBlock(nn.Module):
         return x + inputs
 
 
+def global_row_uniform(key: jax.Array, count: int, rows: int, axis_name: str | None
+                       ) -> jax.Array:
+    """``(count, rows)`` uniform draws for this device's rows of the global batch.
+
+    Under a mapped `axis_name` the draws are made for every row of the global batch and each
+    device takes its own, so a row's draws do not depend on how many devices share the batch.
+    """
+    if axis_name is None:
+        return jax.random.uniform(key, (count, rows))
+    every_row = jax.random.uniform(key, (count, rows * lax.axis_size(axis_name)))
+    return lax.dynamic_slice_in_dim(every_row, lax.axis_index(axis_name) * rows, rows, axis=1)
+
+
 class EfficientNetEncoder(nn.Module):
     """smp's EfficientNet encoder: the input's features at strides 2, 4, 8, 16 and 32."""
 
@@ -275,7 +288,8 @@ class EfficientNetEncoder(nn.Module):
         features = [x]
         draws = [None] * len(specs)
         if train and self.drop_connect_rate > 0:  # one draw for all blocks: cheap to compile
-            draws = jax.random.uniform(self.make_rng("dropout"), (len(specs), x.shape[0]))
+            draws = global_row_uniform(self.make_rng("dropout"), len(specs), x.shape[0],
+                                       self.axis_name)
         for i, spec in enumerate(specs):
             x = MBConvBlock(spec, self.bn_momentum, self.axis_name, self.dtype,
                             name=f"_blocks_{i}")(x, train=train, draw=draws[i])

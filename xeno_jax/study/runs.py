@@ -13,7 +13,6 @@ interrupted and restarted:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -39,7 +38,6 @@ from xeno_jax.data import (
 )
 from xeno_jax.evaluate import (
     ScoreTable,
-    average_probabilities,
     class_level,
     evaluate_images,
     nsd_tolerances,
@@ -54,6 +52,7 @@ from xeno_jax.spectra import sto2, tivita_wavelengths
 from xeno_jax.train import train
 from xeno_jax.train.loop import restore_final_variables
 from xeno_jax.train.parallel import make_mesh
+from xeno_jax.train.predict import predictor as data_parallel_predictor
 
 REFERENCE_HEIGHT = 480  # NSD tolerances are in pixels of 480 x 640 images
 DONE_FILE = "done.json"
@@ -284,20 +283,20 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str | os.PathL
 # -- evaluation ----------------------------------------------------------------------------
 
 def predictor(configs_and_variables: Sequence[tuple[ml_collections.ConfigDict | nn.Module, dict]]):
-    """``predict(features) -> ensemble softmax`` averaging the models' probabilities.
+    """``predict(features) -> probabilities``: the mean softmax of the models (a fold ensemble,
+    or one model), through the training loop's data-parallel `xeno_jax.train.predictor`.
 
     Each model is given by its run config or as a module (a converted network's, from
-    `xeno_jax.models.load_pretrained`).
+    `xeno_jax.models.load_pretrained`); the mesh and launcher are those of the first run config
+    (all devices and shard_map if there is none).
     """
-    models = [(c if isinstance(c, nn.Module) else build_model(c.model), v)
-              for c, v in configs_and_variables]
-    applies = [jax.jit(functools.partial(m.apply, train=False)) for m, _ in models]
-
-    def predict(features):
-        logits = [apply(v, features) for apply, (_, v) in zip(applies, models, strict=True)]
-        return np.asarray(average_probabilities(np.stack(logits)))
-
-    return predict
+    configs = [c for c, _ in configs_and_variables if not isinstance(c, nn.Module)]
+    models = [c if isinstance(c, nn.Module) else build_model(c.model)
+              for c, _ in configs_and_variables]
+    num_devices, backend = ((configs[0].parallel.num_devices, configs[0].parallel.backend)
+                            if configs else (0, "shard_map"))
+    bind = data_parallel_predictor(models, make_mesh(num_devices), backend=backend)
+    return bind([variables for _, variables in configs_and_variables])
 
 
 def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_size: int, *,

@@ -15,18 +15,24 @@ How it is fed (see `train` for the exact signatures):
   batches for the SWA batch-norm pass at the end.
 * ``augment(key, batch) -> batch``, or ``augment(key, batch, augment_data) -> batch`` when
   `train` gets ``augment_data`` (``xeno_jax.augment.pipeline.build_pipeline`` functions take the
-  ``ProjectionBank`` there): a pure, jittable function, run on each device on its own rows inside
-  the step, with a key folded with the step and the device index. Batch-level augmentations
-  such as organ transplantation therefore act within each device's rows, like the reference's
-  per-GPU batches; ``augment_data`` is placed on the devices once, as an input of the step
-  rather than a constant baked into the compiled program.
+  ``ProjectionBank`` there): a pure, jittable function of the whole global batch
+  (`xeno_jax.train.step.augment_batch`), jitted over the batch's sharding before the
+  per-device step, with a key folded with the step. The augmented batch is therefore the same
+  on any number of devices and processes; batch-level augmentations such as organ
+  transplantation pair images across devices. ``augment_data`` is placed on the devices once,
+  as an input rather than a constant baked into the compiled program.
 * ``val_fn(step, predict) -> {name: value}``: called every ``validate_every_epochs`` epochs with
   ``predict(features) -> probabilities`` bound to the current (not SWA-averaged) model, as the
-  reference validates; and once at the end with the SWA model if SWA is on. ``predict`` takes
-  this process's rows ``(n, H, W, C)`` as NumPy (any n; every process passes the same n) and
-  returns float32 softmax probabilities ``(n, H, W, num_classes)``. Every process calls
-  `val_fn` (``predict`` runs on all devices); process 0 logs the results, prefixed ``val/``
-  (``val_swa/`` for the SWA model).
+  reference validates; and once at the end with the SWA model if SWA is on. ``predict`` is
+  `xeno_jax.train.predict.predictor`'s: it takes a batch ``(n, H, W, C)`` as NumPy (any n, the
+  same on every process), splits it over all devices and returns float32 softmax
+  probabilities ``(n, H, W, num_classes)`` on every process. Every process calls `val_fn`;
+  process 0 logs the results, prefixed ``val/`` (``val_swa/`` for the SWA model).
+
+Nothing waits for the devices in an ordinary step: the NaN/Inf flag of a step is read while
+the next one runs, and metrics are read at logging steps. A step with NaN or Inf leaves the
+state unchanged, and every flag up to a step is read before that step's state is validated or
+checkpointed, so no checkpoint ever holds the result of a failed step.
 """
 
 from __future__ import annotations
@@ -49,13 +55,14 @@ from xeno_jax.train.metrics_writer import MetricsWriter
 from xeno_jax.train.parallel import (
     DATA_AXIS,
     data_parallel,
-    fetch_local_rows,
     fetch_replicated,
     make_mesh,
+    on_global_batch,
     put_replicated,
     replicated_sharding,
     shard_batch,
 )
+from xeno_jax.train.predict import PredictFn, predictor
 from xeno_jax.train.state import (
     SWASchedule,
     TrainState,
@@ -65,13 +72,12 @@ from xeno_jax.train.state import (
 )
 from xeno_jax.train.step import (
     AugmentFn,
+    augment_batch,
     batch_norm_statistics_step,
     identity_augment,
-    predict_step,
     train_step,
 )
 
-PredictFn = Callable[[np.ndarray], np.ndarray]
 ValidateFn = Callable[[int, PredictFn], Mapping[str, float]]
 
 INIT_INPUT_SIZE = 32  # height and width of the dummy input that initialises the parameters
@@ -226,25 +232,34 @@ def train(
         )
     start_step = int(fetch_replicated(state.step))
 
-    # ---- Per-device steps, launched over the mesh -----------------------------------------
+    # ---- The global-batch augmentation; per-device steps, launched over the mesh ----------
     parallel = functools.partial(data_parallel, mesh=mesh, backend=config.parallel.backend)
     run_train_step = parallel(
         functools.partial(
-            train_step, model=model, optimizer=optimizer, augment=augment, swa_schedule=swa_schedule
+            train_step, model=model, optimizer=optimizer, swa_schedule=swa_schedule
         ),
         donate=True,
     )
-    run_predict = parallel(functools.partial(predict_step, model=model), sharded_output=True)
+    bind_predictor = predictor((model,), mesh, backend=config.parallel.backend)
     augment_data = put_replicated(augment_data, mesh)
+    rng = put_replicated(fetch_replicated(state.rng), mesh)  # the state's own copy is donated
+    run_augment = on_global_batch(functools.partial(augment_batch, augment=augment), mesh)
 
-    def predictor(variables: Any) -> PredictFn:
-        def predict(features: np.ndarray) -> np.ndarray:
-            rows = len(features)
-            padding = [(0, -rows % len(mesh.local_devices))] + [(0, 0)] * (features.ndim - 1)
-            batch = shard_batch({"features": np.pad(features, padding)}, mesh)
-            return fetch_local_rows(run_predict(variables, batch["features"]))[:rows]
+    def next_batch(key_step: int) -> dict[str, jax.Array]:
+        """The next global training batch, augmented with the key of step `key_step`."""
+        batch = shard_batch(next(train_iter), mesh)
+        if augment is identity_augment:
+            return batch
+        return run_augment(rng, put_replicated(np.int32(key_step), mesh), batch, augment_data)
 
-        return predict
+    unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # steps whose flag is not read yet
+
+    def check_finite() -> None:
+        """Reads the NaN/Inf flags of the steps not checked yet (waits for them)."""
+        for step, metrics in unchecked:
+            if not fetch_replicated(metrics["finite"]):
+                raise NonFiniteLossError(step, fetch_replicated(metrics), manager.latest_step())
+        unchecked.clear()
 
     # ---- Training loop --------------------------------------------------------------------
     writer = MetricsWriter(workdir, resume_step=start_step)
@@ -258,16 +273,16 @@ def train(
     window: list[dict[str, jax.Array]] = []
     try:
         for step in range(start_step + 1, total_steps + 1):  # step: steps done after this one
-            batch = shard_batch(next(train_iter), mesh)
-            state, metrics = run_train_step(state, batch, augment_data)
-            # One scalar read per step: a failed step must stop the loop before another step
-            # moves the (unchanged, still good) state on.
-            if not fetch_replicated(metrics["finite"]):
-                raise NonFiniteLossError(step, fetch_replicated(metrics), manager.latest_step())
+            state, metrics = run_train_step(state, next_batch(step - 1))
+            # The previous step's flag is read while this one runs. Had it failed, it left the
+            # state unchanged, and this step's state is never checkpointed: it raises here.
+            check_finite()
+            unchecked.append((step, metrics))
             window.append(metrics)
             progress.update()
 
             if step % config.train.log_every_steps == 0 or step == total_steps:
+                check_finite()
                 summary = _mean_metrics(window)
                 summary["learning_rate"] = float(schedule(step - 1))
                 writer.write(step, summary)
@@ -278,27 +293,29 @@ def train(
             if val_fn is not None and epoch_done and (
                 (step // epoch_steps) % config.train.validate_every_epochs == 0
             ):
-                results = val_fn(step, predictor(state.model_variables()))
+                check_finite()
+                results = val_fn(step, bind_predictor([state.model_variables()]))
                 writer.write(step, {f"val/{name}": value for name, value in results.items()})
 
             # The checkpoint at total_steps is written below, after the SWA batch-norm pass.
             if step % config.train.checkpoint_every_steps == 0 and step < total_steps:
+                check_finite()
                 ckpt.save_checkpoint(manager, state, train_iter, config)
 
         # ---- End of training: SWA batch norm, final checkpoint and validation -------------
+        check_finite()
         if start_step < total_steps:
             # Only batch norm keeps running statistics that must match the averaged weights;
             # group norm normalises every image by its own statistics, so it needs no pass.
             if swa_schedule is not None and state.batch_stats:
                 run_statistics_step = parallel(
-                    functools.partial(batch_norm_statistics_step, model=model, augment=augment)
+                    functools.partial(batch_norm_statistics_step, model=model)
                 )
-                state = _recompute_swa_batch_stats(
-                    state, train_iter, epoch_steps, run_statistics_step, mesh, augment_data
-                )
+                state = _recompute_swa_batch_stats(state, next_batch, total_steps, epoch_steps,
+                                                   run_statistics_step)
             ckpt.save_checkpoint(manager, state, train_iter, config)
             if val_fn is not None and swa_schedule is not None:
-                results = val_fn(total_steps, predictor(state.final_variables()))
+                results = val_fn(total_steps, bind_predictor([state.final_variables()]))
                 writer.write(total_steps, {f"val_swa/{name}": v for name, v in results.items()})
     finally:
         manager.wait_until_finished()
@@ -316,23 +333,23 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _recompute_swa_batch_stats(
     state: TrainState,
-    train_iter: ckpt.DataIterator,
+    next_batch: Callable[[int], Any],
+    first_key_step: int,
     num_batches: int,
     run_statistics_step: Callable[..., Any],
-    mesh: jax.sharding.Mesh,
-    augment_data: Any,
 ) -> TrainState:
     """Batch-norm statistics of the SWA parameters, averaged over `num_batches` train batches.
 
     The reference's extra "batch-norm epoch" (PyTorch ``update_bn``): forward passes in training
-    mode over one epoch of augmented training batches, without optimiser updates.
+    mode over one epoch of augmented training batches (augmentation keys of the steps from
+    `first_key_step` on), without optimiser updates.
     """
     variables = {"params": state.swa_params, "batch_stats": state.batch_stats}
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
     total = None
     for i in range(num_batches):
-        batch = shard_batch(next(train_iter), mesh)
-        stats = run_statistics_step((variables, state.rng, state.step + i), batch, augment_data)
+        step = first_key_step + i
+        stats = run_statistics_step((variables, state.rng, step), next_batch(step))
         total = stats if total is None else add(total, stats)
     mean = jax.jit(lambda t: jax.tree.map(lambda x: x / num_batches, t))(total)
     return state.replace(swa_batch_stats=mean)

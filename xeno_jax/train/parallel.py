@@ -13,6 +13,10 @@ Layouts. Whatever the launcher, the loop holds the same global ``jax.Array``s:
 * batches: leading dimension sharded over the mesh, ``NamedSharding(mesh, P("data"))``,
   built from each process's local rows with `shard_batch`.
 
+Functions of the whole global batch (the training augmentation) run with `on_global_batch`:
+``jax.jit`` over these layouts, so that their result does not depend on how many devices or
+processes hold the rows.
+
 Under pmap (which JAX now implements as jit over shard_map) the replicated argument is passed
 unmapped (``in_axes=None``, ``out_axes=None``), so it keeps this layout and is donated without a
 copy, and the batch gets pmap's leading device axis by a jitted reshape that moves no data. The
@@ -162,11 +166,38 @@ def data_parallel(
     return run
 
 
+def on_global_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+    """``jax.jit`` of a function of replicated arguments and global batches, returning a batch.
+
+    The arguments keep their layouts (replicated or batch-sharded global arrays); XLA
+    partitions the computation over the mesh and the result, sharded like a batch, equals that
+    of a single device holding the whole batch, whatever the number of devices and processes.
+    """
+    return jax.jit(fn, out_shardings=batch_sharding(mesh))
+
+
+def put_global_rows(x: Any, mesh: Mesh) -> jax.Array:
+    """A host array holding all rows of a batch (the same on every process), as a global
+    array sharded over the mesh; each device takes its rows."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def fetch_global_rows(x: jax.Array) -> np.ndarray:
+    """All rows of a batch-sharded global array, as NumPy, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-    """Places a host pytree (the same on every process) on every device of the mesh."""
+    """Places a host pytree (the same on every process) on every device of the mesh; arrays
+    already replicated over the mesh are kept as they are."""
     sharding = replicated_sharding(mesh)
 
     def put(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)  # no copy if already laid out so
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
@@ -176,13 +207,3 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
 def fetch_replicated(tree: Any) -> Any:
     """Host NumPy copy of a replicated pytree (works for multi-process global arrays)."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
-
-
-def fetch_local_rows(tree: Any) -> Any:
-    """This process's rows of batch-sharded global arrays, as NumPy, in batch order."""
-
-    def local_rows(x: jax.Array) -> np.ndarray:
-        shards = sorted(x.addressable_shards, key=lambda shard: shard.index[0].start or 0)
-        return np.concatenate([np.asarray(shard.data) for shard in shards])
-
-    return jax.tree.map(local_rows, tree)

@@ -1,13 +1,19 @@
-"""The per-device train step, eval step and batch-norm statistics step, each written once.
+"""The training augmentation of a global batch, and the per-device steps, each written once.
 
-All three are functions of ``(replicated, batch_slice)`` in the pmap programming model and run
-inside `xeno_jax.train.parallel.data_parallel` under the mapped axis ``"data"``. Bind their
-keyword arguments with ``functools.partial`` before launching them.
+`augment_batch` is a function of the whole global batch: jitted over the batch's sharding
+(`xeno_jax.train.parallel.on_global_batch`), it gives the same augmented batch on any number of
+devices and processes (XLA moves what crosses devices, such as transplanted organs).
+
+The train step, predict step and batch-norm statistics step are functions of ``(replicated,
+batch_slice)`` in the pmap programming model and run inside
+`xeno_jax.train.parallel.data_parallel` under the mapped axis ``"data"``; they receive batches
+already augmented. Bind their keyword arguments with ``functools.partial`` before launching them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -16,6 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from xeno_jax.evaluate.ensemble import ensemble_predict
 from xeno_jax.train.losses import segmentation_loss
 from xeno_jax.train.parallel import DATA_AXIS
 from xeno_jax.train.state import SWASchedule, TrainState, variables_dict
@@ -31,30 +38,57 @@ def identity_augment(key: jax.Array, batch: Batch) -> Batch:
     return batch
 
 
-def _augment(augment: AugmentFn, key: jax.Array, batch: Batch, augment_data: Any) -> Batch:
-    """``augment(key, batch)``, or ``augment(key, batch, augment_data)`` if there is any.
-
-    Features may arrive as float16 (half the host-to-device traffic); they are augmented and
-    fed to the model as float32.
-    """
-    batch = {**batch, "features": batch["features"].astype(jnp.float32)}
-    if augment_data is None:
-        return augment(key, batch)
-    return augment(key, batch, augment_data)
+def _as_float32(batch: Batch) -> Batch:
+    """Features may arrive as float16 (half the host-to-device traffic); they are augmented
+    and fed to the model as float32."""
+    return {**batch, "features": batch["features"].astype(jnp.float32)}
 
 
 def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
-    """The PRNG key of `step` on this device: base key folded with the step and device index.
+    """The PRNG key of the augmentation of `step`: the base key folded with the step.
 
     Args:
       rng: uint32 key data of the run's base key (`TrainState.rng`).
       step: int32 step number.
 
     Returns:
-      A typed PRNG key, different for every step and device.
+      A typed PRNG key, different for every step and the same on every device.
     """
-    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
-    return jax.random.fold_in(key, lax.axis_index(DATA_AXIS))
+    return jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+
+
+def augment_batch(
+    rng: jax.Array,
+    step: jax.Array,
+    batch: Batch,
+    augment_data: Any = None,
+    *,
+    augment: AugmentFn = identity_augment,
+) -> Batch:
+    """The training augmentation of step `step` applied to the whole global batch.
+
+    Run it jitted on global arrays (`xeno_jax.train.parallel.on_global_batch`): XLA splits the
+    work over the devices the batch lives on, while the result is that of one device holding
+    every row, so a recipe means the same on any number of devices and processes (per-image
+    draws come from one key for the whole batch; organ transplantation pairs rows across device
+    boundaries). Per-image work (warps, flips, transplantation, L1) stays on each row's device;
+    the projection step's tile loop (`xeno_jax.augment.project_spectra`) runs over the tiles of
+    the whole batch on every device, with an all-reduce of each tile (2048 spectra).
+
+    Args:
+      rng: uint32 key data of the run's base key (`TrainState.rng`).
+      step: int32 step number; the key is `step_key` of both.
+      batch: the global batch, features ``(B, H, W, C)`` (float16 or float32), labels, valid.
+      augment_data: passed to `augment` as its third argument (the projection bank), or None.
+      augment: ``augment(key, batch[, augment_data]) -> batch``.
+
+    Returns:
+      The augmented batch with float32 features.
+    """
+    batch, key = _as_float32(batch), step_key(rng, step)
+    if augment_data is None:
+        return augment(key, batch)
+    return augment(key, batch, augment_data)
 
 
 def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
@@ -83,16 +117,14 @@ def take_swa_snapshot(state: TrainState, schedule: SWASchedule) -> TrainState:
 def train_step(
     state: TrainState,
     batch: Batch,
-    augment_data: Any = None,
     *,
     model: nn.Module,
     optimizer: optax.GradientTransformation,
-    augment: AugmentFn = identity_augment,
     swa_schedule: SWASchedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimiser step on this device's slice of the global batch.
+    """One optimiser step on this device's slice of the (augmented) global batch.
 
-    augment -> forward -> loss (pixel sums ``psum``-ed over devices, so it is the global-batch
+    forward -> loss (pixel sums ``psum``-ed over devices, so it is the global-batch
     loss) -> gradients (``pmean`` over devices: the exact global-batch gradient) -> Adam ->
     SWA snapshot at epoch boundaries -> non-finite guard: if the loss or any gradient is NaN or
     Inf, the incoming state is returned unchanged and ``metrics["finite"]`` is False, so a state
@@ -101,13 +133,9 @@ def train_step(
     Args:
       state: replicated train state.
       batch: this device's rows: "features" ``(b, H, W, C)`` float, "labels" ``(b, H, W)`` int,
-        "valid" ``(b, H, W)`` bool.
-      augment_data: replicated pytree passed to `augment` as its third argument (such as the
-        projection bank), or None.
+        "valid" ``(b, H, W)`` bool (augmented beforehand by `augment_batch`).
       model: the network; its batch norm, if any, must average statistics over ``"data"``.
       optimizer: optax transformation whose state is ``state.opt_state``.
-      augment: ``augment(key, batch[, augment_data]) -> batch`` (same keys and shapes), applied
-        on each device to its own rows with a key folded with the step and the device index.
       swa_schedule: when to take SWA snapshots, or None without SWA.
 
     Returns:
@@ -115,7 +143,7 @@ def train_step(
       "dice", "grad_norm" and "finite" (bool).
     """
     key = step_key(state.rng, state.step)
-    batch = _augment(augment, key, batch, augment_data)
+    batch = _as_float32(batch)
 
     def loss_fn(params):
         logits, updates = model.apply(
@@ -149,29 +177,31 @@ def train_step(
 
 
 def predict_step(
-    variables: Mapping[str, Any], features: jax.Array, *, model: nn.Module
+    variables: Sequence[Mapping[str, Any]],
+    features: jax.Array,
+    *,
+    models: Sequence[nn.Module],
 ) -> jax.Array:
     """Softmax probabilities ``(b, H, W, num_classes)`` float32 for this device's rows.
 
+    With several models (a fold ensemble), their softmax probabilities are averaged, not their
+    logits (``method.md`` C3, E12); the models run one after another.
+
     Args:
-      variables: model variables (``{"params": ..., "batch_stats": ...}``), replicated.
+      variables: every model's variables (``{"params": ..., "batch_stats": ...}``), replicated.
       features: ``(b, H, W, C)`` spectra.
-      model: the network, evaluated with running batch statistics.
+      models: the networks, one per entry of `variables`, evaluated with running batch
+        statistics.
 
     Returns:
-      The per-pixel class probabilities.
+      The (mean) per-pixel class probabilities.
     """
-    logits = model.apply(variables, features.astype(jnp.float32), train=False)
-    return jax.nn.softmax(logits, axis=-1)
+    applies = [functools.partial(model.apply, train=False) for model in models]
+    return ensemble_predict(applies, variables, features.astype(jnp.float32))[0]
 
 
 def batch_norm_statistics_step(
-    inputs: tuple[Mapping[str, Any], jax.Array, jax.Array],
-    batch: Batch,
-    augment_data: Any = None,
-    *,
-    model: nn.Module,
-    augment: AugmentFn = identity_augment,
+    inputs: tuple[Mapping[str, Any], jax.Array, jax.Array], batch: Batch, *, model: nn.Module
 ) -> Any:
     """Batch-norm statistics of one global training batch, for fixed (SWA) parameters.
 
@@ -182,20 +212,17 @@ def batch_norm_statistics_step(
 
     Args:
       inputs: ``(variables, rng, step)``: model variables with the parameters to use (the
-        values of their ``batch_stats`` do not matter), the run's base key data, and the step
-        number that the augmentation key is folded with.
-      batch: this device's rows of a training batch.
-      augment_data: as for `train_step`.
+        values of their ``batch_stats`` do not matter), the run's base key data and the step
+        whose key drives the model's own randomness (drop-connect), as in `train_step`.
+      batch: this device's rows of an (augmented) training batch.
       model: the network; it must have a ``bn_momentum`` attribute (as `UNet` has).
-      augment: the training augmentation.
 
     Returns:
       The batch's ``batch_stats`` collection.
     """
     variables, rng, step = inputs
-    key = step_key(rng, step)
-    batch = _augment(augment, key, batch, augment_data)
     _, updates = model.clone(bn_momentum=0.0).apply(
-        variables, batch["features"], train=True, mutable=["batch_stats"], rngs=model_rngs(key)
+        variables, _as_float32(batch)["features"], train=True, mutable=["batch_stats"],
+        rngs=model_rngs(step_key(rng, step))
     )
     return updates["batch_stats"]
