@@ -22,7 +22,7 @@ from xeno_jax.train import train
 from xeno_jax.train.parallel import fetch_replicated
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
-TIMEOUT_S = 300
+TIMEOUT_S = 600  # a hang guard; a loaded 2-core machine needs minutes for these workers
 
 
 def _free_port():

@@ -293,6 +293,7 @@ def test_predictor_averages_the_softmax_of_the_models_over_all_devices():
 
 # ---- Training runs: exactness over devices and launchers, resume, NaN -----------------------
 
+
 def swa_config(**kwargs):
     """5 epochs of 1 step, SWA (snapshots after steps 2, 3, 4) and a batch-norm pass."""
     config = tiny_config(**kwargs)
