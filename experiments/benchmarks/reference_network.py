@@ -125,10 +125,10 @@ def jax_runner(model, variables: dict, batch: dict):
 
     local = model.clone(axis_name=None)  # the phases run outside the mesh
 
-    def loss(params, batch_stats, key):
-        logits, _ = local.apply(variables_dict(params, batch_stats), device_batch["features"],
+    def loss(params, batch_stats, key, batch):
+        logits, _ = local.apply(variables_dict(params, batch_stats), batch["features"],
                                 train=True, mutable=["batch_stats"], rngs={"dropout": key})
-        return segmentation_loss(logits, device_batch["labels"], device_batch["valid"])[0]
+        return segmentation_loss(logits, batch["labels"], batch["valid"])[0]
 
     forward = jax.jit(loss)
     gradients = jax.jit(jax.grad(loss))
@@ -138,9 +138,11 @@ def jax_runner(model, variables: dict, batch: dict):
         current = holder["state"]
         key = jax.random.key(0)
         if phase == "forward":
-            jax.block_until_ready(forward(current.params, current.batch_stats, key))
+            jax.block_until_ready(forward(current.params, current.batch_stats, key,
+                                          device_batch))
         elif phase == "forward+backward":
-            jax.block_until_ready(gradients(current.params, current.batch_stats, key))
+            jax.block_until_ready(gradients(current.params, current.batch_stats, key,
+                                            device_batch))
         else:
             holder["state"], metrics = step(current, device_batch)
             fetch_replicated(metrics["finite"])  # the loop's one scalar read per step
