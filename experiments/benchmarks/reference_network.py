@@ -45,6 +45,7 @@ from xeno_jax.train.parallel import (
     data_parallel,
     fetch_replicated,
     make_mesh,
+    replicated_sharding,
     shard_batch,
 )
 from xeno_jax.train.state import create_train_state, make_optimizer, variables_dict
@@ -116,19 +117,22 @@ def torch_runner(model, batch: dict, accelerator: bool):
 def jax_runner(model, variables: dict, batch: dict):
     mesh = make_mesh(1)
     optimizer = make_optimizer(1e-3)
+    # Laid out as the step returns it (replicated over the mesh), or the first timed step
+    # would compile again for a new input sharding.
     state = jax.jit(functools.partial(create_train_state, model, optimizer, seed=0,
                                       input_shape=(1, *batch["features"].shape[1:]),
-                                      swa_schedule=None))(variables=variables)
+                                      swa_schedule=None),
+                    out_shardings=replicated_sharding(mesh))(variables=variables)
     step = data_parallel(functools.partial(train_step, model=model, optimizer=optimizer),
                          mesh, donate=True)
     device_batch = shard_batch(batch, mesh)
 
     local = model.clone(axis_name=None)  # the phases run outside the mesh
 
-    def loss(params, batch_stats, key):
-        logits, _ = local.apply(variables_dict(params, batch_stats), device_batch["features"],
+    def loss(params, batch_stats, key, batch):
+        logits, _ = local.apply(variables_dict(params, batch_stats), batch["features"],
                                 train=True, mutable=["batch_stats"], rngs={"dropout": key})
-        return segmentation_loss(logits, device_batch["labels"], device_batch["valid"])[0]
+        return segmentation_loss(logits, batch["labels"], batch["valid"])[0]
 
     forward = jax.jit(loss)
     gradients = jax.jit(jax.grad(loss))
@@ -138,9 +142,11 @@ def jax_runner(model, variables: dict, batch: dict):
         current = holder["state"]
         key = jax.random.key(0)
         if phase == "forward":
-            jax.block_until_ready(forward(current.params, current.batch_stats, key))
+            jax.block_until_ready(forward(current.params, current.batch_stats, key,
+                                          device_batch))
         elif phase == "forward+backward":
-            jax.block_until_ready(gradients(current.params, current.batch_stats, key))
+            jax.block_until_ready(gradients(current.params, current.batch_stats, key,
+                                            device_batch))
         else:
             holder["state"], metrics = step(current, device_batch)
             fetch_replicated(metrics["finite"])  # the loop's one scalar read per step
@@ -151,8 +157,9 @@ def jax_runner(model, variables: dict, batch: dict):
 def measure(runners: dict, steps: int, repeats: int) -> dict:
     """Seconds per call of every (framework, phase), repetitions interleaved, after a warm-up."""
     for run in runners.values():
-        for phase in PHASES:
-            run(phase)  # compile / warm up
+        for _ in range(2):  # compile / warm up (the second call: state as the step returns it)
+            for phase in PHASES:
+                run(phase)
     seconds = {(name, phase): [] for name in runners for phase in PHASES}
     for _ in range(repeats):
         for name, run in runners.items():
@@ -165,7 +172,7 @@ def measure(runners: dict, steps: int, repeats: int) -> dict:
 
 
 def report(seconds: dict, batch: int, label: str) -> None:
-    print(f"\n{label}; load average {load_average()}")
+    print(f"\n{label}; {load_average()}")
     medians = {key: statistics.median(v) for key, v in seconds.items()}
     for name in ("xeno_jax", "pytorch"):
         step = medians[name, "step"]
@@ -177,7 +184,7 @@ def report(seconds: dict, batch: int, label: str) -> None:
                                     strict=True)]
     print(f"  PyTorch s/step / xeno_jax s/step = {statistics.median(ratios):.2f} "
           f"[{min(ratios):.2f}, {max(ratios):.2f}] over {len(ratios)} interleaved repeats "
-          f"(> 1: xeno_jax is faster)")
+          f"(> 1: xeno_jax is faster); per repeat: {', '.join(f'{r:.2f}' for r in ratios)}")
 
 
 def main() -> None:

@@ -110,7 +110,7 @@ def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small",
         config.evaluate.batch_size = 8
 
         if quick:  # ~4 minutes per network on 2 CPU cores with sim_small
-            config.model.variant = "tiny"  # (our U-Net's; the EfficientNets have no variants)
+            config.model.variant = "tiny"
             config.train.epochs = 10
             config.train.epoch_size = 800  # 1000 steps in all
             config.train.learning_rate = 3e-3  # a short schedule for a small network
