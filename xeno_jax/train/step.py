@@ -103,7 +103,8 @@ def train_step(
 
     Returns:
       ``(new_state, metrics)``; metrics are the same on every device: "loss", "cross_entropy",
-      "dice", "grad_norm" and "finite" (bool).
+      "dice", "grad_norm", "finite" (bool) and, if the augmentation adds "projected_pixels" to
+      the batch, their sum over devices.
     """
     batch = _augment(augment, step_key(state.rng, state.step), batch, augment_data)
 
@@ -134,7 +135,10 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return new_state, {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+    if "projected_pixels" in batch:
+        metrics["projected_pixels"] = lax.psum(batch["projected_pixels"], DATA_AXIS)
+    return new_state, metrics
 
 
 def predict_step(
