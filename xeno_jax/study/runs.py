@@ -252,14 +252,26 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     Returns:
       The final train state.
+
+    Raises:
+      WorkdirBusyError: if another process works in `workdir`.
+      StaleWorkError: naming the keys that differ, for work made with another config.
     """
-    workdir = Path(workdir)
+    with workdir_lock(workdir, f"training {config.configuration}",
+                      enabled=jax.process_index() == 0):
+        return _train_run(config, Path(workdir), reuse_stale)
+
+
+def _train_run(config: ml_collections.ConfigDict, workdir: Path, reuse_stale: bool):
     data_dir = data_dir_of(config)
+    bank = load_bank(config)
+    record = fingerprint.of_run(config, bank)
+    if is_done(workdir):
+        fingerprint.check(record, read_done(workdir).get("fingerprint"),
+                          what=f"the finished run {workdir}", reuse_stale=reuse_stale)
     catalog = catalog_for([config.data.species, *config.data.extra_species],
                           config.data.dataset, data_dir)
     train_records, val_records = training_images(config, catalog)
-    bank = load_bank(config)
-    record = fingerprint.of_run(config, bank)
     steps = (preset("xeno", target_labels=tuple(config.augment.target_labels))
              if config.augment.preset == "xeno" else
              preset(config.augment.preset) if config.augment.preset != "none" else ())
@@ -276,21 +288,16 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                              metrics=("dice",))
         return {"dice": float(np.nanmean(_class_means(table)))} if len(table) else {}
 
-    with workdir_lock(workdir, f"training {config.configuration}",
-                      enabled=jax.process_index() == 0):
-        if is_done(workdir):
-            fingerprint.check(record, read_done(workdir).get("fingerprint"),
-                              what=f"the finished run {workdir}", reuse_stale=reuse_stale)
-        state = train(config, str(workdir), train_iter=iterator, augment=augment,
-                      augment_data=bank, val_fn=validate if val_records else None,
-                      reuse_stale=reuse_stale)
-        if jax.process_index() == 0:
-            with atomic_write(workdir / DONE_FILE, text=True) as f:
-                json.dump({"configuration": config.configuration,
-                           "outer_fold": config.data.outer_fold, "fold": config.data.fold,
-                           "train_images": len(train_records),
-                           "step": int(jax.device_get(state.step)),
-                           "fingerprint": record.to_json()}, f)
+    state = train(config, str(workdir), train_iter=iterator, augment=augment,
+                  augment_data=bank, val_fn=validate if val_records else None,
+                  reuse_stale=reuse_stale)
+    if jax.process_index() == 0:
+        with atomic_write(workdir / DONE_FILE, text=True) as f:
+            json.dump({"configuration": config.configuration,
+                       "outer_fold": config.data.outer_fold, "fold": config.data.fold,
+                       "train_images": len(train_records),
+                       "step": int(jax.device_get(state.step)),
+                       "fingerprint": record.to_json()}, f)
     return state
 
 

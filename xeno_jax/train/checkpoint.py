@@ -257,9 +257,10 @@ def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
 
 
 def _reason(error: Exception) -> str:
-    """The first line of an exception, with its type."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
+    """The first line of an exception (at most 300 characters), with its type."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    return f"{type(error).__name__}: {line[:300]}{' ...' if len(line) > 300 else ''}"
 
 
 def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

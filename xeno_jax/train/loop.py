@@ -329,17 +329,17 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
 
 def _log_projected_pixels(writer: MetricsWriter, step: int, epoch: int,
                           counts: list[jax.Array]) -> None:
-    """Logs (and writes as ``epoch/projected_pixels``) the pixels projected in an epoch.
-
-    After a resume in the middle of an epoch, that epoch counts only the steps run since.
-    """
+    """Logs (and writes as ``epoch/projected_pixels``) the pixels projected in an epoch's steps
+    (after a resume in the middle of an epoch: in its steps since the resume)."""
     total = int(sum(int(fetch_replicated(count)) for count in counts))
     writer.write(step, {"epoch/projected_pixels": total})
     if total:
-        logging.info("epoch %d: the projection changed %d pixels", epoch, total)
+        logging.info("epoch %d: the projection changed %d pixels in %d steps", epoch, total,
+                     len(counts))
     else:
-        logging.warning("epoch %d: the projection changed no pixel (no image was selected, or "
-                        "none had a target label with matrices in the bank)", epoch)
+        logging.warning("epoch %d: the projection changed no pixel in %d steps (no image was "
+                        "selected, or none had a target label with matrices in the bank)",
+                        epoch, len(counts))
 
 
 def _recompute_swa_batch_stats(
