@@ -250,8 +250,11 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path):
             assert holder.stdout.readline().strip() == "locked"
         who = (r"in use by holding it for a test \(pid {} on host "
                + re.escape(socket.gethostname()))
+        run = run_config("baseline_human", quick=True, dataset="sim_tiny")
+        with run.unlocked():
+            run.data.data_dir = str(tmp_path / "tfds")
         with pytest.raises(WorkdirBusyError, match=who.format(holders[0].pid)):
-            runs.train_run(run_config("baseline_human", quick=True), run_dir)
+            runs.train_run(run, run_dir)
         config = study_config.get_config("demo,sim_tiny")
         with config.unlocked():
             config.data_dir = str(tmp_path / "tfds")
