@@ -119,11 +119,14 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
     trained = run_configs(config, configuration)
     folder = workdir / "scores" / configuration
     record = scores_fingerprint(workdir, configuration, trained)
-    cached = sorted(folder.glob("*.npz"))
-    if cached:
-        stored = folder / SCORES_FINGERPRINT
-        fingerprint.check(record, json.loads(stored.read_text()) if stored.exists() else None,
+    stored = folder / SCORES_FINGERPRINT
+    if any(folder.glob("*.npz")):
+        fingerprint.check(record, fingerprint.read_record(stored),
                           what=f"the score tables in {folder}", reuse_stale=reuse_stale)
+    else:  # the record describes the networks of every table the folder will hold
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(stored, text=True) as f:
+            json.dump(record.to_json(), f)
     results = []
     models = None
     for test_set in config.test_sets:
@@ -131,10 +134,6 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
         if path.exists():
             results.append(Evaluation(configuration, test_set, ScoreTable.load(path)))
             continue
-        folder.mkdir(parents=True, exist_ok=True)
-        if not cached:  # the record describes the networks of every table in the folder
-            with atomic_write(folder / SCORES_FINGERPRINT, text=True) as f:
-                json.dump(record.to_json(), f)
         if models is None:  # restore lazily: nothing to do when every table exists
             models = [(outer, run, runs.restore_variables(
                 run, runs.runs_root(workdir, configuration, outer, fold)))

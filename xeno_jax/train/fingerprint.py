@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,6 +103,19 @@ def of_run(config: ml_collections.ConfigDict, augment_data: Any = None) -> Finge
     if augment_data is not None:
         values["augment_data"] = tree_digest(augment_data)
     return Fingerprint(values)
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A fingerprint record stored as JSON, or None if the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        logging.warning("%s: unreadable fingerprint record (%s)", path, e)
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def check(current: Fingerprint, stored: Mapping[str, Any] | None, *, what: str,
