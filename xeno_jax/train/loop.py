@@ -221,11 +221,15 @@ def train(
     if manager.latest_step() is None:
         state = init_state()
     else:
-        state = ckpt.restore_newest_intact(
-            manager, jax.eval_shape(init_state), train_iter,
-            check_fingerprint=lambda step, stored: fingerprint.check(
-                record, stored, what=f"the checkpoint {manager.directory}/{step}",
-                reuse_stale=reuse_stale))
+        try:
+            state = ckpt.restore_newest_intact(
+                manager, jax.eval_shape(init_state), train_iter,
+                check_fingerprint=lambda step, stored: fingerprint.check(
+                    record, stored, what=f"the checkpoint {manager.directory}/{step}",
+                    reuse_stale=reuse_stale))
+        except BaseException:  # a refused or unreadable checkpoint: release orbax's threads
+            manager.close()
+            raise
     if state.batch_stats and getattr(model, "axis_name", None) != DATA_AXIS:
         raise ValueError(
             f"the model has batch norm but averages its statistics over axis_name="
