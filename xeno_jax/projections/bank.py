@@ -97,10 +97,10 @@ class ProjectionBank:
             if not isinstance(values, np.ndarray) or np.isfinite(values).all():
                 continue  # device arrays and tracers are not checked (module docstring)
             bad = ~np.isfinite(values.reshape(len(values), -1))
-            per_pair = np.add.reduceat(bad.sum(1), self.offsets)
+            per_label = np.add.reduceat(bad.sum(1), self.offsets)
             where = ", ".join(f"label {label} ({label_name}): {n} values"
                               for label, label_name, n in zip(self.label_indices,
-                                                              self.label_names, per_pair,
+                                                              self.label_names, per_label,
                                                               strict=True) if n)
             raise ValueError(f"the bank's {name} hold NaN or Inf ({where}); every W and b must "
                              "be finite")

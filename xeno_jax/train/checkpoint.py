@@ -1,6 +1,6 @@
 """Checkpoints: a thin wrapper around an orbax ``CheckpointManager`` with explicit args.
 
-A checkpoint ``<workdir>/checkpoints/<step>/`` holds three items:
+A checkpoint ``<workdir>/checkpoints/<step>/`` holds four items:
 
 * ``state``: the whole `TrainState` (params, batch stats, optimiser state, step, PRNG key, SWA
   average and count), saved from and restored into global arrays on the data mesh;
@@ -231,13 +231,8 @@ def restore_newest_intact(
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             stored = read_fingerprint(manager, step)
-        except CorruptCheckpointError as e:
-            skipped.append((step, str(e)))
-            logging.warning("skipping checkpoint: %s", e)
-            continue
-        if check_fingerprint is not None:
-            check_fingerprint(step, stored)
-        try:
+            if check_fingerprint is not None:
+                check_fingerprint(step, stored)  # its errors are not about damage: they pass
             state = restore_checkpoint(manager, abstract_state, data_iterator, step=step)
         except CorruptCheckpointError as e:
             skipped.append((step, str(e)))
