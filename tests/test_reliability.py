@@ -79,6 +79,14 @@ def assert_same_params(state, expected_state, message=""):
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=message)
 
 
+def checkpoint_steps(workdir):
+    manager = checkpoint_manager(str(workdir), max_to_keep=None)
+    try:
+        return manager.all_steps()
+    finally:
+        manager.close()
+
+
 def metrics_rows(workdir, name):
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return {row["step"]: row[name] for row in map(json.loads, f) if name in row}
@@ -154,7 +162,7 @@ def test_resuming_with_another_config_is_refused_naming_the_key(finished, tmp_pa
     config = worker.config(**{key: value})
     with pytest.raises(StaleWorkError, match=re.escape(message) + ".*--reuse_stale"):
         worker.train_projected(workdir, config, InMemoryIterator(DATA, config.train.batch_size))
-    assert checkpoint_manager(str(workdir), max_to_keep=None).all_steps() == [2, 4, 6]
+    assert checkpoint_steps(workdir) == [2, 4, 6]
 
 
 @SHARES_FINISHED_RUN
@@ -296,7 +304,7 @@ def test_resume_skips_damaged_checkpoints_and_is_exact(finished, tmp_path, caplo
                          rf"restored: {why}",
                          caplog.text), caplog.text
         assert (workdir / "checkpoints_skipped" / str(step)).is_dir()  # kept for inspection
-    assert checkpoint_manager(str(workdir), max_to_keep=None).all_steps() == [2, 4, 6]
+    assert checkpoint_steps(workdir) == [2, 4, 6]
     assert_same_params(state, finished[1])
     assert metrics_rows(workdir, "loss") == metrics_rows(finished[0], "loss")
 
@@ -352,7 +360,7 @@ def test_training_killed_at_a_random_moment_resumes_to_the_same_parameters(finis
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
         process.wait()
-    steps = checkpoint_manager(str(workdir), max_to_keep=None).all_steps()
+    steps = checkpoint_steps(workdir)
     context = f"killed {delay:.2f} s after the first step, with checkpoints {steps}"
     resumed = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, f"{context}:\n{resumed.stderr[-3000:]}"
