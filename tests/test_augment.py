@@ -401,7 +401,7 @@ def test_pipeline_runs_under_jit_with_the_bank_as_argument(batch, bank_one_pair)
     key = jax.random.key(14)
     out = jax.jit(augment)(key, data, bank_one_pair)
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
-        k: (v.shape, v.dtype) for k, v in data.items()}
+        **{k: (v.shape, v.dtype) for k, v in data.items()}, "projected_pixels": ((), jnp.int32)}
     np.testing.assert_allclose(np.abs(out["features"]).sum(-1), 1, rtol=1e-5)  # L1 last
     closed = build_pipeline([{"name": "projection", "target_labels": [3]}], bank_one_pair)
     expected = project_jit(jax.random.split(key, 1)[0], features, labels, bank_one_pair,

@@ -1,6 +1,7 @@
 """The study end to end at a tiny size: two configurations, one fold, a few steps."""
 
 import json
+import logging
 import re
 
 import numpy as np
@@ -12,7 +13,8 @@ from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.study import report, runs
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
-from xeno_jax.study.study import run_study
+from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
+from xeno_jax.train.fingerprint import StaleWorkError
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +89,51 @@ def test_rerun_reuses_everything(study):
     assert after == before  # no run retrained or re-checkpointed
     assert {p: p.read_bytes() for p in (workdir / "scores").rglob("*.npz")} == scores
     assert path.read_text() == text
+
+
+def _files(workdir):
+    return {p: p.read_bytes() for folder in ("runs", "scores")
+            for p in (workdir / folder).rglob("*") if p.is_file() and p.name != ".lock"}
+
+
+def test_rerun_with_a_changed_learning_rate_is_refused_unless_told(study, caplog):
+    """Issue 16: never the old networks or report under a new config without a word."""
+    config, workdir, path = study
+    files, text = _files(workdir), path.read_text()
+    changed = study_config.get_config("demo,sim_tiny")
+    with changed.unlocked():
+        changed.data_dir = config.data_dir
+        changed.overrides.train.epochs = 1
+        changed.overrides.train.epoch_size = 16
+        changed.overrides.train.learning_rate = 0.01
+    with pytest.raises(StaleWorkError, match=r"finished run \S+baseline_human/outer_0/fold_0 was "
+                                             r"made with a different config: train\.learning_rate: "
+                                             r"0\.003 -> 0\.01.*--reuse_stale"):
+        run_study(changed, workdir)
+    assert _files(workdir) == files and path.read_text() == text
+    with caplog.at_level(logging.WARNING):
+        run_study(changed, workdir, reuse_stale=True)  # told to: the old work, with a warning
+    assert "train.learning_rate: 0.003 -> 0.01" in caplog.text
+    assert _files(workdir) == files and path.read_text() == text
+
+
+def test_score_tables_of_other_networks_are_refused(study):
+    config, workdir, _ = study
+    record_path = workdir / "scores" / config.configurations[0] / SCORES_FINGERPRINT
+    record = record_path.read_text()
+    try:
+        stale = json.loads(record)
+        stale["digest"] = "0" * 64
+        stale["values"]["outer_0/fold_0: train.epochs"] = 7
+        record_path.write_text(json.dumps(stale))
+        with pytest.raises(StaleWorkError, match=r"score tables in \S+ was made with a different "
+                                                 r"config: outer_0/fold_0: train\.epochs: 7 -> 1"):
+            run_study(config, workdir)
+        record_path.unlink()
+        with pytest.raises(StaleWorkError, match="records no fingerprint"):
+            run_study(config, workdir)
+    finally:
+        record_path.write_text(record)
 
 
 def test_finished_runs_and_banks_are_where_the_study_says(study):

@@ -11,8 +11,10 @@ A pipeline is a list of steps, each a mapping (a dict or an ml_collections ``Con
 batch dict with ``features`` float32 ``(B, H, W, C)``, ``labels`` int32 ``(B, H, W)`` and ``valid``
 bool ``(B, H, W)`` (other entries pass through). The steps run in order with keys split from
 `key`; afterwards every image left without a valid pixel reverts to its input (features, labels
-and valid mask). The projection step uses the `ProjectionBank` given to `augment` or, failing that,
-the one given to `build_pipeline`; either way the whole pipeline jits.
+and valid mask). The projection step uses the `ProjectionBank` given to `augment` or, failing
+that, the one given to `build_pipeline`; either way the whole pipeline jits. A pipeline with a
+projection step adds ``projected_pixels`` to the batch: the int32 number of pixels its
+projections transformed (before any reverting).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from xeno_jax.augment.geometric import (
     random_horizontal_flip,
     random_vertical_flip,
 )
-from xeno_jax.augment.spectral import l1_renormalize, project_spectra
+from xeno_jax.augment.spectral import l1_renormalize, project_spectra_counted
 from xeno_jax.augment.transplant import transplant_organs
 from xeno_jax.labels import SPECIES_12, LabelMapping
 from xeno_jax.projections.bank import ProjectionBank
@@ -168,8 +170,8 @@ def _build_step(index: int, step: Mapping[str, Any], label_mapping: LabelMapping
     name = step.pop("name", None)
     if name not in STEP_NAMES:
         raise ValueError(f"step {index}: unknown name {name!r}; expected one of {STEP_NAMES}")
-    op = {"projection": project_spectra, "l1_normalize": l1_renormalize}.get(name) or _MASK_OPS[
-        name]
+    op = ({"projection": project_spectra_counted, "l1_normalize": l1_renormalize}.get(name)
+          or _MASK_OPS[name])
     accepted = [p.name for p in inspect.signature(op).parameters.values()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
     unknown = sorted(set(step) - set(accepted))
@@ -184,8 +186,10 @@ def _build_step(index: int, step: Mapping[str, Any], label_mapping: LabelMapping
             step["target_labels"] = _label_indices(index, step["target_labels"], label_mapping)
 
         def project(key, batch, bank):
-            return {**batch, "features": project_spectra(key, batch["features"],
-                                                          batch["labels"], bank, **step)}
+            features, count = project_spectra_counted(key, batch["features"], batch["labels"],
+                                                      bank, **step)
+            return {**batch, "features": features,
+                    "projected_pixels": batch.get("projected_pixels", 0) + count}
 
         return project
 

@@ -27,9 +27,16 @@ _WORD = 32  # groups per bitmask word
 
 
 def project_spectra(key: jax.Array, features: jax.Array, labels: jax.Array,
-                    bank: ProjectionBank, *, label_mode: str = "label_match",
-                    target_labels: tuple[int, ...] | None = None, interpolate: bool = True,
-                    p: float = 0.8, max_label: int = 12, tile_size: int = 2048) -> jax.Array:
+                    bank: ProjectionBank, **options) -> jax.Array:
+    """`project_spectra_counted` without the count: the projected features only."""
+    return project_spectra_counted(key, features, labels, bank, **options)[0]
+
+
+def project_spectra_counted(key: jax.Array, features: jax.Array, labels: jax.Array,
+                            bank: ProjectionBank, *, label_mode: str = "label_match",
+                            target_labels: tuple[int, ...] | None = None,
+                            interpolate: bool = True, p: float = 0.8, max_label: int = 12,
+                            tile_size: int = 2048) -> tuple[jax.Array, jax.Array]:
     """Applies randomly drawn projections of `bank` to the spectra of a batch (``method.md`` A3).
 
     Each image is selected with probability `p` (``u <= p``, ``u ~ U[0, 1)``). In a selected image:
@@ -64,7 +71,8 @@ def project_spectra(key: jax.Array, features: jax.Array, labels: jax.Array,
         tuning knob, not a semantic one.
 
     Returns:
-      The transformed features, shape and dtype of `features`.
+      ``(features, count)``: the transformed features (shape and dtype of `features`) and the
+      int32 number of pixels transformed (0 when no selected image has a pixel to transform).
     """
     if features.ndim != 4:
         raise ValueError(f"features must be (B, H, W, C), got the shape {features.shape}")
@@ -82,8 +90,9 @@ def project_spectra(key: jax.Array, features: jax.Array, labels: jax.Array,
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     if target_labels is not None:
         target_labels = tuple(int(label) for label in target_labels)
+    none = jnp.int32(0)
     if p == 0:
-        return features
+        return features, none
 
     bank = jax.tree.map(jnp.asarray, bank)  # NumPy leaves cannot be indexed by tracers
     batch = features.shape[0]
@@ -93,7 +102,9 @@ def project_spectra(key: jax.Array, features: jax.Array, labels: jax.Array,
     if label_mode == "random":
         pair = jax.random.randint(key_pair, (batch,), 0, bank.weights.shape[0])
         weight = jax.random.uniform(key_weight, (batch,))
-        return _project_images(features, selected, pair, weight, bank, interpolate=interpolate)
+        count = jnp.sum(selected, dtype=jnp.int32) * features.shape[1] * features.shape[2]
+        return (_project_images(features, selected, pair, weight, bank, interpolate=interpolate),
+                count)
 
     if label_mode == "label_match":
         slot_labels = tuple(label for label in bank.label_indices
@@ -102,7 +113,7 @@ def project_spectra(key: jax.Array, features: jax.Array, labels: jax.Array,
         slot_labels = target_labels if target_labels is not None else tuple(range(max_label + 1))
         slot_labels = tuple(sorted(set(slot_labels)))
     if not slot_labels:
-        return features
+        return features, none
     # Per (image, slot label): the bank label whose pairs it draws from, a pair, a weight.
     own = np.array([bank.label_indices.index(label) if label in bank.label_indices else -1
                     for label in slot_labels])
@@ -113,8 +124,11 @@ def project_spectra(key: jax.Array, features: jax.Array, labels: jax.Array,
     pair = offsets[source] + jax.random.randint(key_pair, shape, 0, counts[source])
     weight = jax.random.uniform(key_weight, shape)
     active = jnp.broadcast_to(selected[:, None], shape)
+    pixels = jnp.stack([jnp.sum(labels == label, axis=(1, 2), dtype=jnp.int32)
+                        for label in slot_labels], axis=1)
+    count = jnp.sum(jnp.where(active, pixels, 0))
     return _project_regions(features, labels, slot_labels, pair, weight, active, bank,
-                            interpolate=interpolate, tile_size=tile_size)
+                            interpolate=interpolate, tile_size=tile_size), count
 
 
 def l1_renormalize(features: jax.Array) -> jax.Array:

@@ -16,6 +16,12 @@ File format (HDF5 via h5py, no pickle; written atomically)::
         losses             float32 (n,)        final loss of every pair (NaN if unknown)
         pair_names         UTF-8 str (n, 2)    (physiological, pathological) image names
 
+Non-finite values: every W and b must be finite (a NaN or Inf turns every projected spectrum into
+NaN, which the L1 renormalisation then makes all-zero). A bank built from NumPy arrays (by
+`from_pairs`, `load`, `from_htc` or the constructor) with NaN or Inf in its weights or biases is
+an error naming the label and the number of bad values; losses may be NaN (unknown). Banks of
+device arrays (inside jit, after ``device_put``) are not checked again.
+
 The reference implementation's banks (``<name>.blosc``: ``{label_name: float32 [n, C, C+1]}``,
 the last column the bias, plus an optional ``<name>.json`` sidecar with per-label lists of
 ``{name_physiological, name_ischemic, loss}``) are read by `ProjectionBank.from_htc`.
@@ -82,6 +88,22 @@ class ProjectionBank:
             raise ValueError(f"every label needs at least one pair, got counts {self.counts}")
         if len(self.pair_names) != sum(self.counts):
             raise ValueError(f"expected {sum(self.counts)} pair names, got {len(self.pair_names)}")
+        self._check_finite()
+
+    def _check_finite(self) -> None:
+        """Rejects NaN/Inf in host (NumPy) weights and biases, naming the label (policy above)."""
+        for name in ("weights", "biases"):
+            values = getattr(self, name)
+            if not isinstance(values, np.ndarray) or np.isfinite(values).all():
+                continue  # device arrays and tracers are not checked (module docstring)
+            bad = ~np.isfinite(values.reshape(len(values), -1))
+            per_label = np.add.reduceat(bad.sum(1), self.offsets)
+            where = ", ".join(f"label {label} ({label_name}): {n} values"
+                              for label, label_name, n in zip(self.label_indices,
+                                                              self.label_names, per_label,
+                                                              strict=True) if n)
+            raise ValueError(f"the bank's {name} hold NaN or Inf ({where}); every W and b must "
+                             "be finite")
 
     @property
     def num_channels(self) -> int:
@@ -181,7 +203,8 @@ class ProjectionBank:
         """Reads a bank written by `save`.
 
         Raises:
-          ValueError: naming the file and what is wrong if it is not such a bank.
+          ValueError: naming the file and what is wrong if it is not such a bank (or holds NaN
+            or Inf matrices).
         """
         path = Path(path)
         try:
@@ -207,10 +230,13 @@ class ProjectionBank:
                 losses[label] = group["losses"][()]
                 names[label] = [tuple(p) for p in group["pair_names"].asstr()[()]]
                 label_names[label] = str(group.attrs.get("name", key))
-            return cls.from_pairs(pairs, losses=losses, pair_names=names,
-                                  label_names=label_names,
-                                  source_species=str(f.attrs.get("source_species", "")),
-                                  state=str(f.attrs.get("state", "")))
+            try:
+                return cls.from_pairs(pairs, losses=losses, pair_names=names,
+                                      label_names=label_names,
+                                      source_species=str(f.attrs.get("source_species", "")),
+                                      state=str(f.attrs.get("state", "")))
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def from_htc(cls, path: str | os.PathLike, label_mapping: LabelMapping, *,
@@ -235,8 +261,8 @@ class ProjectionBank:
 
         Raises:
           ValueError: naming the file, for unsafe or corrupt files, label names the mapping does
-            not know (unless filtered out by `target_labels`), arrays of the wrong shape, or a
-            sidecar that does not match the matrices.
+            not know (unless filtered out by `target_labels`), arrays of the wrong shape, NaN or
+            Inf in the matrices, or a sidecar that does not match the matrices.
         """
         from xeno_jax.io.htc import read_blosc
 
@@ -278,12 +304,15 @@ class ProjectionBank:
                 names[index] = [(str(r.get("name_physiological", "")),
                                  str(r.get("name_ischemic", ""))) for r in records]
         parsed = _REFERENCE_NAME.match(path.stem)
-        return cls.from_pairs(
-            pairs, losses=losses, pair_names=names,
-            label_names={i: label_mapping.index_to_name(i) for i in grouped},
-            source_species=source_species if source_species is not None
-            else (parsed["species"] if parsed else ""),
-            state=state if state is not None else (parsed["state"] if parsed else ""))
+        try:
+            return cls.from_pairs(
+                pairs, losses=losses, pair_names=names,
+                label_names={i: label_mapping.index_to_name(i) for i in grouped},
+                source_species=source_species if source_species is not None
+                else (parsed["species"] if parsed else ""),
+                state=state if state is not None else (parsed["state"] if parsed else ""))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 def _read_sidecar(path: Path) -> dict[str, list[dict]]:

@@ -44,12 +44,13 @@ from xeno_jax.evaluate import (
 )
 from xeno_jax.evaluate.perfusion import median_per_label
 from xeno_jax.io import atomic_write
+from xeno_jax.io.lock import workdir_lock
 from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS, SPECIES_12
 from xeno_jax.models import build_model, convert, load_pretrained
 from xeno_jax.projections import ProjectionBank
 from xeno_jax.projections.dataset import learn_bank
 from xeno_jax.spectra import sto2, tivita_wavelengths
-from xeno_jax.train import train
+from xeno_jax.train import fingerprint, train
 from xeno_jax.train.loop import restore_final_variables
 from xeno_jax.train.parallel import make_mesh
 from xeno_jax.train.predict import predictor as data_parallel_predictor
@@ -203,9 +204,38 @@ def load_bank(config: ml_collections.ConfigDict) -> ProjectionBank | None:
         path = ensure_bank(config.augment.pathology, config.augment.source, config.data.dataset,
                            data_dir_of(config))
     path = Path(os.path.expanduser(str(path)))
-    if path.suffix == ".blosc":
-        return ProjectionBank.from_htc(path, SPECIES_12)
-    return ProjectionBank.load(path)
+    bank = (ProjectionBank.from_htc(path, SPECIES_12) if path.suffix == ".blosc" else
+            ProjectionBank.load(path))
+    check_bank_reaches_targets(bank, config.augment.target_labels, path)
+    return bank
+
+
+def check_bank_reaches_targets(bank: ProjectionBank, target_labels: Sequence[str],
+                               path: str | os.PathLike) -> None:
+    """A projected run must be able to change pixels: some target label needs matrices.
+
+    Raises:
+      ValueError: naming the bank, its labels and the targets, if no target label has
+        matrices (the run would silently train a baseline network); targets without matrices
+        next to ones with are logged as a warning.
+    """
+    targets = {SPECIES_12.name_to_index(name): name for name in target_labels}
+    unknown = [name for index, name in targets.items() if not SPECIES_12.is_valid(index)]
+    if unknown:
+        raise ValueError(f"config.augment.target_labels: {unknown} are not labels of the "
+                         f"12-class mapping; known: {sorted(SPECIES_12.mapping)}")
+    has = dict(zip(bank.label_indices, bank.label_names, strict=True))
+    reached = sorted(set(targets) & set(has))
+    if not reached:
+        raise ValueError(
+            f"{path}: the bank has matrices for the labels {has} but config.augment."
+            f"target_labels={tuple(target_labels)} (indices {sorted(targets)}): its projections "
+            "would change no pixel and the network would be a baseline. Use a bank learnt for "
+            "the target labels or change config.augment.target_labels")
+    missing = [name for index, name in targets.items() if index not in has]
+    if missing:
+        logging.warning("%s: no matrices for the target labels %s; only %s are projected", path,
+                        missing, [targets[i] for i in reached])
 
 
 # -- training ------------------------------------------------------------------------------
@@ -226,18 +256,41 @@ def training_images(config: ml_collections.ConfigDict, catalog: Catalog
     return train_records, catalog.select(validation)
 
 
-def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+def run_fingerprint(config: ml_collections.ConfigDict) -> fingerprint.Fingerprint:
+    """What a run's result depends on: its config and its projection bank."""
+    return fingerprint.of_run(config, load_bank(config))
+
+
+def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+              reuse_stale: bool = False):
     """Trains (or resumes) one run; writes ``done.json`` when it has finished.
+
+    The work directory is locked while the run writes it (`xeno_jax.io.lock`); a finished run
+    or checkpoint made with another config (`xeno_jax.train.fingerprint`) is refused unless
+    `reuse_stale`.
 
     Returns:
       The final train state.
+
+    Raises:
+      WorkdirBusyError: if another process works in `workdir`.
+      StaleWorkError: naming the keys that differ, for work made with another config.
     """
-    workdir = Path(workdir)
+    with workdir_lock(workdir, f"training {config.configuration}",
+                      enabled=jax.process_index() == 0):
+        return _train_run(config, Path(workdir), reuse_stale)
+
+
+def _train_run(config: ml_collections.ConfigDict, workdir: Path, reuse_stale: bool):
     data_dir = data_dir_of(config)
+    bank = load_bank(config)
+    record = fingerprint.of_run(config, bank)
+    if is_done(workdir):
+        fingerprint.check(record, read_done(workdir).get("fingerprint"),
+                          what=f"the finished run {workdir}", reuse_stale=reuse_stale)
     catalog = catalog_for([config.data.species, *config.data.extra_species],
                           config.data.dataset, data_dir)
     train_records, val_records = training_images(config, catalog)
-    bank = load_bank(config)
     steps = (preset("xeno", target_labels=tuple(config.augment.target_labels))
              if config.augment.preset == "xeno" else
              preset(config.augment.preset) if config.augment.preset != "none" else ())
@@ -255,18 +308,52 @@ def train_run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
         return {"dice": float(np.nanmean(_class_means(table)))} if len(table) else {}
 
     state = train(config, str(workdir), train_iter=iterator, augment=augment,
-                  augment_data=bank, val_fn=validate if val_records else None)
+                  augment_data=bank, val_fn=validate if val_records else None,
+                  reuse_stale=reuse_stale)
     if jax.process_index() == 0:
         with atomic_write(workdir / DONE_FILE, text=True) as f:
-            json.dump({"configuration": config.configuration, "outer_fold": config.data.outer_fold,
-                       "fold": config.data.fold, "train_images": len(train_records),
-                       "step": int(jax.device_get(state.step))}, f)
+            json.dump({"configuration": config.configuration,
+                       "outer_fold": config.data.outer_fold, "fold": config.data.fold,
+                       "train_images": len(train_records),
+                       "step": int(jax.device_get(state.step)),
+                       "fingerprint": record.to_json()}, f)
     return state
 
 
 def is_done(workdir: str | os.PathLike) -> bool:
     """A finished run, or a converted network put in the run's place (never trained over)."""
     return (Path(workdir) / DONE_FILE).exists() or convert.is_pretrained(workdir)
+
+
+def read_done(workdir: str | os.PathLike) -> dict:
+    """The ``done.json`` record of a finished run.
+
+    Raises:
+      ValueError: naming the file, if it is not a JSON object.
+    """
+    path = Path(workdir) / DONE_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it to train the run again"
+                         ) from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def finished(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+             reuse_stale: bool = False) -> bool:
+    """Whether the run in `workdir` has finished with this config's fingerprint.
+
+    Raises:
+      StaleWorkError: if it finished with another config (unless `reuse_stale`).
+    """
+    if not is_done(workdir):
+        return False
+    fingerprint.check(run_fingerprint(config), read_done(workdir).get("fingerprint"),
+                      what=f"the finished run {workdir}", reuse_stale=reuse_stale)
+    return True
 
 
 def restore_variables(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:

@@ -11,6 +11,12 @@ an interrupted study resumes where it stopped and a repeated one reuses everythi
    ``<workdir>/scores/<configuration>/<test set>.npz``;
 5. the report ``<workdir>/report.md`` with its tables and figures.
 
+Reuse is checked, never assumed: a finished run is reused only if its ``done.json`` holds the
+fingerprint of the run's current config (`xeno_jax.train.fingerprint`), and a configuration's
+score tables only if ``scores/<configuration>/fingerprint.json`` holds the fingerprints of the
+networks that are scored now. Anything else is a `StaleWorkError` naming the keys that differ,
+unless the study runs with ``reuse_stale``. The study locks its work directory while it runs.
+
 Test sets of a configuration with target species T:
 
 - ``physiological``: T's outer test sets, each with the ensemble of that outer fold's models;
@@ -21,6 +27,7 @@ Test sets of a configuration with target species T:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -30,8 +37,13 @@ import ml_collections
 import numpy as np
 
 from xeno_jax.evaluate import ScoreTable, class_level
+from xeno_jax.io import atomic_write
+from xeno_jax.io.lock import workdir_lock
 from xeno_jax.study import runs
 from xeno_jax.study.configurations import SPECIES, Configuration, parse_configuration, run_config
+from xeno_jax.train import fingerprint
+
+SCORES_FINGERPRINT = "fingerprint.json"
 
 TEST_SETS = ("physiological", "cross_species", "malperfusion", "icg")
 
@@ -78,24 +90,50 @@ def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) ->
     return sorted(needed)
 
 
-def train_all(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Trains every run of the study that has not finished."""
+def train_all(config: ml_collections.ConfigDict, workdir: Path, *,
+              reuse_stale: bool = False) -> None:
+    """Trains every run of the study that has not finished (refusing stale finished runs)."""
     for configuration in config.configurations:
         for outer, fold, run in run_configs(config, configuration):
             directory = runs.runs_root(workdir, configuration, outer, fold)
-            if runs.is_done(directory):
+            if runs.finished(run, directory, reuse_stale=reuse_stale):
                 logging.info("%s outer %d fold %d: done", configuration, outer, fold)
                 continue
             logging.info("training %s, outer fold %d, fold %d", configuration, outer, fold)
-            runs.train_run(run, directory)
+            runs.train_run(run, directory, reuse_stale=reuse_stale)
+
+
+def scores_fingerprint(workdir: Path, configuration: str,
+                       trained: Sequence[tuple[int, int, ml_collections.ConfigDict]]
+                       ) -> fingerprint.Fingerprint:
+    """The fingerprints (from ``done.json``) of the networks that score a configuration."""
+    values = {}
+    for outer, fold, _ in trained:
+        done = runs.read_done(runs.runs_root(workdir, configuration, outer, fold))
+        stored = (done.get("fingerprint") or {}).get("values", {})
+        values.update({f"outer_{outer}/fold_{fold}: {k}": v for k, v in stored.items()})
+    return fingerprint.Fingerprint(values)
 
 
 def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str,
-                           workdir: Path) -> list[Evaluation]:
-    """Scores a configuration on its test sets (cached in ``<workdir>/scores``)."""
+                           workdir: Path, *, reuse_stale: bool = False) -> list[Evaluation]:
+    """Scores a configuration on its test sets (cached in ``<workdir>/scores``).
+
+    Raises:
+      StaleWorkError: if cached tables were made with other networks (unless `reuse_stale`).
+    """
     parsed = parse_configuration(configuration)
     trained = run_configs(config, configuration)
     folder = workdir / "scores" / configuration
+    record = scores_fingerprint(workdir, configuration, trained)
+    stored = folder / SCORES_FINGERPRINT
+    if any(folder.glob("*.npz")):
+        fingerprint.check(record, fingerprint.read_record(stored),
+                          what=f"the score tables in {folder}", reuse_stale=reuse_stale)
+    else:  # the record describes the networks of every table the folder will hold
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(stored, text=True) as f:
+            json.dump(record.to_json(), f)
     results = []
     models = None
     for test_set in config.test_sets:
@@ -103,7 +141,6 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
         if path.exists():
             results.append(Evaluation(configuration, test_set, ScoreTable.load(path)))
             continue
-        folder.mkdir(parents=True, exist_ok=True)
         if models is None:  # restore lazily: nothing to do when every table exists
             models = [(outer, run, runs.restore_variables(
                 run, runs.runs_root(workdir, configuration, outer, fold)))
@@ -166,15 +203,30 @@ def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str
     raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """Runs (or resumes) the study and writes its report; returns the report's path."""
-    from xeno_jax.study.report import write_report  # matplotlib only when reporting
+def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+              reuse_stale: bool = False) -> Path:
+    """Runs (or resumes) the study and writes its report; returns the report's path.
 
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    Args:
+      config: the study config (experiments/configs/study.py).
+      workdir: the study's work directory, locked while the study runs.
+      reuse_stale: reuse finished runs and score tables made with another config (logged as a
+        warning) instead of refusing them.
+
+    Raises:
+      WorkdirBusyError: if another process works in `workdir`.
+      StaleWorkError: naming the keys that differ, for work made with another config.
+    """
     unknown = set(config.test_sets) - set(TEST_SETS)
     if unknown:
         raise ValueError(f"config.test_sets: unknown {sorted(unknown)}; known: {TEST_SETS}")
+    with workdir_lock(workdir, "the study"):
+        return _run_study(config, Path(workdir), reuse_stale)
+
+
+def _run_study(config: ml_collections.ConfigDict, workdir: Path, reuse_stale: bool) -> Path:
+    from xeno_jax.study.report import write_report  # matplotlib only when reporting
+
     logging.info("stage 1/5: datasets")
     for species in species_involved(config.configurations, config.test_sets):
         runs.ensure_dataset(species, config.dataset, config.data_dir)
@@ -184,10 +236,10 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> 
         if parsed.is_projected:
             runs.ensure_bank(parsed.pathology, parsed.source, config.dataset, config.data_dir)
     logging.info("stage 3/5: training")
-    train_all(config, workdir)
+    train_all(config, workdir, reuse_stale=reuse_stale)
     logging.info("stage 4/5: evaluation")
     evaluations = [e for name in config.configurations
-                   for e in evaluate_configuration(config, name, workdir)]
+                   for e in evaluate_configuration(config, name, workdir, reuse_stale=reuse_stale)]
     logging.info("stage 5/5: report")
     return write_report(config, workdir, evaluations)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +51,7 @@ import tqdm
 
 from xeno_jax.models import build_model, load_pretrained
 from xeno_jax.train import checkpoint as ckpt
+from xeno_jax.train import fingerprint
 from xeno_jax.train.config import steps_per_epoch, swa_start_epoch, validate_config
 from xeno_jax.train.metrics_writer import MetricsWriter
 from xeno_jax.train.parallel import (
@@ -181,6 +183,7 @@ def train(
     augment: AugmentFn = identity_augment,
     augment_data: Any = None,
     val_fn: ValidateFn | None = None,
+    reuse_stale: bool = False,
 ) -> TrainState:
     """Trains (or resumes training of) a segmentation network.
 
@@ -197,6 +200,8 @@ def train(
         placed once on every device and passed to ``augment`` as its third argument; None calls
         ``augment(key, batch)``.
       val_fn: the validation callback (module docstring), or None.
+      reuse_stale: resume from checkpoints made with a different config (fingerprint) instead
+        of refusing them.
 
     Returns:
       The final `TrainState`; ``state.final_variables()`` are the model's variables (the SWA
@@ -205,6 +210,8 @@ def train(
     Raises:
       NonFiniteLossError: when a step has NaN/Inf in its loss or gradients.
       ValueError: for an invalid config or a model whose batch norm is not synchronised.
+      StaleWorkError: when the checkpoint to resume from was made with another config.
+      CorruptCheckpointError: when no checkpoint in the work directory can be read.
     """
     # ---- Set-up: mesh, model, schedule, optimiser ----------------------------------------
     validate_config(config)
@@ -215,8 +222,9 @@ def train(
     swa_schedule, schedule, optimizer = setup.swa_schedule, setup.schedule, setup.optimizer
     init_state = setup.init_state
 
-    # ---- State: new, or restored from the latest checkpoint -------------------------------
+    # ---- State: new, or restored from the newest intact checkpoint of the same config -----
     manager = ckpt.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    record = fingerprint.of_run(config, augment_data)
     if manager.latest_step() is None:
         initial = None
         if config.model.get("init_from"):  # converted weights, e.g. the reference's networks
@@ -224,7 +232,15 @@ def train(
             initial = put_replicated(initial, mesh)
         state = init_state(variables=initial)
     else:
-        state = ckpt.restore_checkpoint(manager, jax.eval_shape(init_state), train_iter)
+        try:
+            state = ckpt.restore_newest_intact(
+                manager, jax.eval_shape(init_state), train_iter,
+                check_fingerprint=lambda step, stored: fingerprint.check(
+                    record, stored, what=f"the checkpoint {manager.directory}/{step}",
+                    reuse_stale=reuse_stale))
+        except BaseException:  # a refused or unreadable checkpoint: release orbax's threads
+            manager.close()
+            raise
     if state.batch_stats and getattr(model, "axis_name", None) != DATA_AXIS:
         raise ValueError(
             f"the model has batch norm but averages its statistics over axis_name="
@@ -271,6 +287,7 @@ def train(
         disable=jax.process_index() != 0,
     )
     window: list[dict[str, jax.Array]] = []
+    projected: list[jax.Array] = []  # pixels the projection changed, per step of this epoch
     try:
         for step in range(start_step + 1, total_steps + 1):  # step: steps done after this one
             state, metrics = run_train_step(state, next_batch(step - 1))
@@ -279,6 +296,8 @@ def train(
             check_finite()
             unchecked.append((step, metrics))
             window.append(metrics)
+            if "projected_pixels" in metrics:
+                projected.append(metrics["projected_pixels"])
             progress.update()
 
             if step % config.train.log_every_steps == 0 or step == total_steps:
@@ -290,6 +309,9 @@ def train(
                 window = []
 
             epoch_done = step % epoch_steps == 0
+            if epoch_done and projected:
+                _log_projected_pixels(writer, step, step // epoch_steps, projected)
+                projected = []
             if val_fn is not None and epoch_done and (
                 (step // epoch_steps) % config.train.validate_every_epochs == 0
             ):
@@ -300,7 +322,7 @@ def train(
             # The checkpoint at total_steps is written below, after the SWA batch-norm pass.
             if step % config.train.checkpoint_every_steps == 0 and step < total_steps:
                 check_finite()
-                ckpt.save_checkpoint(manager, state, train_iter, config)
+                ckpt.save_checkpoint(manager, state, train_iter, config, record.to_json())
 
         # ---- End of training: SWA batch norm, final checkpoint and validation -------------
         check_finite()
@@ -313,7 +335,7 @@ def train(
                 )
                 state = _recompute_swa_batch_stats(state, next_batch, total_steps, epoch_steps,
                                                    run_statistics_step)
-            ckpt.save_checkpoint(manager, state, train_iter, config)
+            ckpt.save_checkpoint(manager, state, train_iter, config, record.to_json())
             if val_fn is not None and swa_schedule is not None:
                 results = val_fn(total_steps, bind_predictor([state.final_variables()]))
                 writer.write(total_steps, {f"val_swa/{name}": v for name, v in results.items()})
@@ -329,6 +351,21 @@ def _mean_metrics(window: list[dict[str, jax.Array]]) -> dict[str, float]:
     """Host means of the steps' scalar metrics (without the "finite" flag)."""
     host = [fetch_replicated(m) for m in window]
     return {name: float(np.mean([m[name] for m in host])) for name in host[0] if name != "finite"}
+
+
+def _log_projected_pixels(writer: MetricsWriter, step: int, epoch: int,
+                          counts: list[jax.Array]) -> None:
+    """Logs (and writes as ``epoch/projected_pixels``) the pixels projected in an epoch's steps
+    (after a resume in the middle of an epoch: in its steps since the resume)."""
+    total = int(sum(int(fetch_replicated(count)) for count in counts))
+    writer.write(step, {"epoch/projected_pixels": total})
+    if total:
+        logging.info("epoch %d: the projection changed %d pixels in %d steps", epoch, total,
+                     len(counts))
+    else:
+        logging.warning("epoch %d: the projection changed no pixel in %d steps (no image was "
+                        "selected, or none had a target label with matrices in the bank)",
+                        epoch, len(counts))
 
 
 def _recompute_swa_batch_stats(

@@ -2,17 +2,22 @@
 
 Only process 0 writes; on the other processes the writer does nothing. When a run resumes from
 the checkpoint at step s, rows that a crashed run logged after step s are dropped first (the
-resumed run logs those steps again), so ``metrics.jsonl`` reads like one uninterrupted run.
+resumed run logs those steps again), so ``metrics.jsonl`` reads like one uninterrupted run. A
+torn last line (a kill in the middle of a write, a full disk) is dropped with a warning; an
+unreadable line before it is an error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 
 import jax
 import tensorboardX
+
+from xeno_jax.io import atomic_write
 
 
 class MetricsWriter:
@@ -52,12 +57,27 @@ class MetricsWriter:
 
 
 def _drop_rows_after(path: str, step: int) -> None:
-    """Rewrites `path` (atomically) without rows whose step is above `step`."""
+    """Rewrites `path` (atomically) without rows whose step is above `step`.
+
+    Raises:
+      ValueError: naming the file and line, for an unreadable row that is not the last line.
+    """
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for number, line in lines:
+        try:
+            keep = int(json.loads(line)["step"]) <= step
+        except (ValueError, TypeError, KeyError) as e:
+            if number < lines[-1][0]:
+                raise ValueError(f"{path}, line {number}: not a metrics row ({e}); fix or "
+                                 "delete that line to resume") from None
+            logging.warning("%s: dropping the torn last line %d (%s): %r", path, number, e,
+                            line[:80])
+            continue
+        if keep:
+            rows.append(line if line.endswith("\n") else line + "\n")
+    with atomic_write(path, text=True) as f:
         f.writelines(rows)
-    os.replace(tmp, path)

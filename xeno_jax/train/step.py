@@ -83,12 +83,17 @@ def augment_batch(
       augment: ``augment(key, batch[, augment_data]) -> batch``.
 
     Returns:
-      The augmented batch with float32 features.
+      The augmented batch with float32 features. A whole-batch count the augmentation adds
+      (``projected_pixels``) is carried by row 0 of a per-row vector, so that it is sharded like
+      the rest of the batch.
     """
     batch, key = _as_float32(batch), step_key(rng, step)
-    if augment_data is None:
-        return augment(key, batch)
-    return augment(key, batch, augment_data)
+    out = augment(key, batch) if augment_data is None else augment(key, batch, augment_data)
+    if "projected_pixels" in out:
+        rows = out["features"].shape[0]
+        out = {**out, "projected_pixels":
+               jnp.zeros(rows, jnp.int32).at[0].set(out["projected_pixels"])}
+    return out
 
 
 def model_rngs(key: jax.Array) -> dict[str, jax.Array]:
@@ -140,7 +145,8 @@ def train_step(
 
     Returns:
       ``(new_state, metrics)``; metrics are the same on every device: "loss", "cross_entropy",
-      "dice", "grad_norm" and "finite" (bool).
+      "dice", "grad_norm", "finite" (bool) and, if the augmentation adds "projected_pixels" to
+      the batch, their sum over devices.
     """
     key = step_key(state.rng, state.step)
     batch = _as_float32(batch)
@@ -173,7 +179,10 @@ def train_step(
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-    return new_state, {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+    metrics = {"loss": loss, **terms, "grad_norm": grad_norm, "finite": finite}
+    if "projected_pixels" in batch:
+        metrics["projected_pixels"] = lax.psum(jnp.sum(batch["projected_pixels"]), DATA_AXIS)
+    return new_state, metrics
 
 
 def predict_step(
