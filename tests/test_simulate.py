@@ -10,6 +10,8 @@ import pytest
 
 from xeno_jax import simulate
 from xeno_jax.labels import ICG_LABELS, SPECIES_12
+from xeno_jax.simulate.materials import MATERIAL_LABEL
+from xeno_jax.simulate.scene import layout
 from xeno_jax.spectra import l1_normalize
 
 HEIGHT, WIDTH = 96, 128  # the statistical tests (one compiled batch shape)
@@ -192,3 +194,28 @@ def test_new_species_can_be_registered():
         simulate.register_species("test_dog", dog)
     with pytest.raises(ValueError, match="species_id 1"):
         simulate.register_species("test_pig_clone", simulate.PIG)
+
+
+@functools.cache
+def kidney_geometry(focus):
+    """Kidney area fraction and centroid offset from the image centre in 256 pig scenes
+    (scenes where a kidney is visible)."""
+    height, width = 48, 64
+    draw = jax.jit(jax.vmap(lambda k: layout(k, simulate.PIG, focus, height, width)["material"]))
+    labels = MATERIAL_LABEL[np.asarray(draw(jax.random.split(jax.random.key(0), 256)))]
+    kidney = labels == KIDNEY
+    area = kidney.mean((1, 2))
+    yy, xx = np.mgrid[:height, :width]
+    pixels = np.maximum(kidney.sum((1, 2)), 1)
+    offset = np.hypot((kidney * yy).sum((1, 2)) / pixels / height - 0.5,
+                      (kidney * xx).sum((1, 2)) / pixels / width - 0.5)
+    return area[area > 0], offset[area > 0]
+
+
+def test_focus_scenes_are_drawn_like_any_other():
+    """Pathological images focus on the imaged organ: its size and place must not change."""
+    area, offset = kidney_geometry(KIDNEY)
+    natural_area, natural_offset = kidney_geometry(-1)  # kidneys present by chance
+    assert len(area) == 256, "the focus organ is always visible"
+    assert 0.8 <= np.median(area) / np.median(natural_area) <= 1.25
+    assert abs(np.median(offset) - np.median(natural_offset)) <= 0.03
