@@ -191,7 +191,8 @@ def plot_icg_improvement(evaluations: Sequence[Evaluation], path: Path) -> bool:
 def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[str]:
     """Transfer similarity (`xeno_jax.analysis`) of the species and pathologies transferred.
 
-    Tables and figures go to `folder` (inside the report's ``figures``); returns markdown lines.
+    Its table (``analysis.md``, ``transfer.csv``) and figures go to `folder` (inside the
+    report's ``figures``); returns the report's markdown lines, which link to them.
     """
     species, states = set(), {runs.PHYSIOLOGICAL_SPLIT}
     for name in config.configurations:
@@ -204,9 +205,17 @@ def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[st
     species = sorted(species)
     catalog = runs.catalog_for(species, config.dataset, config.data_dir, sorted(states))
     table = analysis.extract(catalog, catalog.records)
-    text = analysis.write_analyses(table, species, folder, analyses=("transfer",),
-                                   link=f"figures/{folder.name}/")
-    return ["#" + line if line.startswith("## ") else line for line in text.splitlines()]
+    text = analysis.write_analyses(table, species, folder, analyses=("transfer",))
+    with atomic_write(folder / "analysis.md", text=True) as f:
+        f.write(text)
+    link = f"figures/{folder.name}"
+    lines = ["## Transfer similarity", "",
+             f"Cosines and magnitude ratios of the pathological changes between "
+             f"{', '.join(species)}, with subject-bootstrap intervals: "
+             f"[table]({link}/analysis.md) ([CSV]({link}/transfer.csv)).", ""]
+    for figure in sorted(folder.glob("transfer_*.png")):
+        lines += [f"![{figure.stem}]({link}/{figure.name})", ""]
+    return lines
 
 
 def plot_examples(workdir: Path, evaluations: Sequence[Evaluation], path: Path) -> bool:
