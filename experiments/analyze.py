@@ -40,9 +40,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 def organ_spectra(workdir: Path, species, dataset: str, data_dir: str, parts: int):
     """The per-image organ spectra of the datasets, cached in the work directory."""
     catalog = runs.catalog_for(species, dataset, data_dir, splits=None)
-    versions = {sp: str(tfds.builder(runs.dataset_name(sp, dataset), data_dir=data_dir).version)
-                for sp in species}
-    identity = json.dumps({"datasets": [str(r) for r in catalog.refs], "versions": versions,
+    # Which build of each dataset: its folder and when its dataset_info.json was written.
+    builds = {}
+    for sp in species:
+        folder = Path(tfds.builder(runs.dataset_name(sp, dataset), data_dir=data_dir).data_dir)
+        builds[sp] = [str(folder), (folder / "dataset_info.json").stat().st_mtime_ns]
+    identity = json.dumps({"datasets": [str(r) for r in catalog.refs], "builds": builds,
                            "parts": parts, "images": len(catalog)}, sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     path = workdir / f"organ_spectra.{digest}.npz"
