@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("build_data", "demo", "evaluate", "learn_projections", "study", "train")
+ENTRY_POINTS = ("analyze", "build_data", "demo", "evaluate", "learn_projections", "study", "train")
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
