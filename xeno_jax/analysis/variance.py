@@ -253,7 +253,7 @@ class Decomposition:
         low, high = interval(samples)
         for o, label in enumerate(self.labels):
             rows.append({"label": int(label), "images": int(self.images[o]),
-                         "subjects": int(self.subjects[o]), "species": int(self.species[o]),
+                         "subjects": int(self.subjects[o]), "n_species": int(self.species[o]),
                          **{c: (float(point[o, k]), float(low[o, k]), float(high[o, k]))
                             for k, c in enumerate(COMPONENTS)}})
         return rows
