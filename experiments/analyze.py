@@ -30,7 +30,7 @@ _ANALYSES = flags.DEFINE_list("analyses", list(analysis.ANALYSES),
                               f"Any of {', '.join(analysis.ANALYSES)}.")
 _RESAMPLES = flags.DEFINE_integer("resamples", 1000, "Subject-bootstrap resamples (spectra, "
                                   "transfer similarity).")
-_VARIANCE_RESAMPLES = flags.DEFINE_integer("variance_resamples", 50, "Subject-bootstrap "
+_VARIANCE_RESAMPLES = flags.DEFINE_integer("variance_resamples", 20, "Subject-bootstrap "
                                            "refits of the variance decomposition.")
 _PARTS = flags.DEFINE_integer("parts", 4, "Pixel subsets per organ and image (repeated "
                               "measures of the variance decomposition).")

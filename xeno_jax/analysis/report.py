@@ -274,7 +274,7 @@ def _pca(table, species, folder, link):
 
 def write_analyses(table: OrganSpectra, species: Sequence[str], folder: str | Path, *,
                    analyses: Sequence[str] = ANALYSES, resamples: int = 1000,
-                   variance_resamples: int = 50, seed: int = 0, link: str = "") -> str:
+                   variance_resamples: int = 20, seed: int = 0, link: str = "") -> str:
     """Runs `analyses` on `table`, writes their tables and figures into `folder`.
 
     Args:

@@ -267,7 +267,7 @@ class Decomposition:
                 for k, c in enumerate(COMPONENTS)}
 
 
-def decompose(table: OrganSpectra, *, resamples: int = 50, seed: int = 0,
+def decompose(table: OrganSpectra, *, resamples: int = 20, seed: int = 0,
               min_species: int = 2) -> Decomposition:
     """The variance decomposition of the physiological spectra of every organ in the table.
 
