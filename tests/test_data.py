@@ -80,6 +80,24 @@ def test_simulated_splits_and_features(pig_tiny):
     assert example["labels"].dtype == np.uint8 and example["valid"].dtype == bool
     assert example["perfusion_state"] == b"icg" and example["species"] == b"pig"
     assert example["icg_plasma_molar"] > 0
+    valid = example["valid"]  # semantic annotations: the full ground truth wherever valid
+    np.testing.assert_array_equal(example["labels_full"][valid], example["labels"][valid])
+
+
+def test_polygon_annotations_keep_the_full_ground_truth(pig_tiny):
+    builder, _ = pig_tiny
+    polygon = SimulatedSet("kidney", "malperfusion", "malperfusion", subjects=1,
+                           images_per_subject=(1,), first_subject=1, focus=("kidney",),
+                           annotation="polygon")
+    full = np.array([[6, 4], [0, 12]])
+    zeros = np.zeros((2, 2), np.float32)
+    out = {"labels": full, "cube": np.zeros((2, 2, 100), np.float32), "saturation": zeros,
+           "blood_volume": zeros, "metadata": dict.fromkeys(
+               ("severity", "minutes", "icg_dose_mg_kg", "icg_plasma_molar"), 0.0)}
+    example = builder._simulated_example("P001#x", polygon, 1, 0, out)
+    np.testing.assert_array_equal(example["labels"], [[6, 12], [12, 12]])  # kidney only
+    np.testing.assert_array_equal(example["labels_full"], full)
+    np.testing.assert_array_equal(example["valid"], [[True, False], [False, False]])
 
 
 # -- real Tivita data in the reference layout -------------------------------------------------

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("build_data", "convert_weights", "demo", "evaluate", "learn_projections", "study",
-                "train")
+ENTRY_POINTS = tuple(sorted(path.stem for path in (ROOT / "experiments").glob("*.py")
+                            if "app.run(" in path.read_text()))
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)

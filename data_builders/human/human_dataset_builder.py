@@ -1,6 +1,6 @@
 """Human: physiological multi-organ images and malperfused kidneys (kidney transplantation)."""
 
-from data_builders.species_builder import SimulatedSet, SpeciesBuilder
+from data_builders.species_builder import CLAMPED, SimulatedSet, SpeciesBuilder
 
 ALL_FOCI = (None, "stomach", "small_bowel", "colon", "liver", "pancreas", "kidney", "spleen",
             "omentum", "lung", "skin", "peritoneum")
@@ -18,7 +18,7 @@ class Builder(SpeciesBuilder):
                          images_per_subject=(5,), first_subject=1, focus=ALL_FOCI),
             SimulatedSet("kidney_transplant", "malperfusion", "malperfusion", subjects=10,
                          images_per_subject=(4,), first_subject=301, focus=("kidney",),
-                         severity=(0.2, 1.0), annotation="polygon"),
+                         severity=CLAMPED, annotation="polygon"),
         ]
 
     def paper_sets(self):
@@ -30,5 +30,5 @@ class Builder(SpeciesBuilder):
             # Malperfused kidneys, polygon annotations (count not published; an estimate).
             SimulatedSet("kidney_transplant", "malperfusion", "malperfusion", subjects=23,
                          images_per_subject=(6,), first_subject=301, focus=("kidney",),
-                         severity=(0.2, 1.0), annotation="polygon"),
+                         severity=CLAMPED, annotation="polygon"),
         ]

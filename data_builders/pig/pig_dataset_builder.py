@@ -1,6 +1,6 @@
 """Pig: the semantic multi-organ set, kidney and aortic-clamping malperfusion, and ICG."""
 
-from data_builders.species_builder import SimulatedSet, SpeciesBuilder
+from data_builders.species_builder import CLAMPED, SimulatedSet, SpeciesBuilder
 
 ALL_FOCI = (None, "stomach", "small_bowel", "colon", "liver", "pancreas", "kidney", "spleen",
             "omentum", "lung", "skin", "peritoneum")
@@ -26,12 +26,12 @@ class Builder(SpeciesBuilder):
             SimulatedSet("kidney", "physiological", "physiological",
                          images_per_subject=kidney_physiological, **kidney),
             SimulatedSet("kidney", "malperfusion", "malperfusion",
-                         images_per_subject=kidney_pathological, severity=(0.2, 1.0), **kidney),
+                         images_per_subject=kidney_pathological, severity=CLAMPED, **kidney),
             SimulatedSet("kidney", "malperfusion", "venous_congestion",
-                         images_per_subject=(2,), severity=(0.3, 1.0), **kidney),
+                         images_per_subject=(2,), severity=CLAMPED, **kidney),
             SimulatedSet("aortic_clamping", "malperfusion", "malperfusion", subjects=4,
                          images_per_subject=aortic, first_subject=121, focus=AORTIC_LABELS,
-                         affected=AORTIC_LABELS, severity=(0.2, 1.0)),
+                         affected=AORTIC_LABELS, severity=CLAMPED),
             SimulatedSet("icg", "icg", "icg", subjects=icg_pigs, images_per_subject=icg,
                          first_subject=131, focus=ICG_LABELS, minutes=(0.5, 10.0),
                          icg_dose_mg_kg=(0.2, 0.5)),

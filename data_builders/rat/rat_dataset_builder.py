@@ -1,6 +1,6 @@
 """Rat: the semantic multi-organ set, perfusion (clamping) experiments, and ICG."""
 
-from data_builders.species_builder import SimulatedSet, SpeciesBuilder
+from data_builders.species_builder import CLAMPED, SimulatedSet, SpeciesBuilder
 
 ALL_FOCI = (None, "stomach", "small_bowel", "colon", "liver", "pancreas", "kidney", "spleen",
             "omentum", "lung", "skin", "peritoneum")
@@ -26,7 +26,7 @@ class Builder(SpeciesBuilder):
             # Aortic or organ clamping, not reperfused.
             SimulatedSet("perfusion", "malperfusion", "malperfusion",
                          images_per_subject=perfusion_pathological, affected=AORTIC_LABELS,
-                         severity=(0.2, 1.0), **perfusion),
+                         severity=CLAMPED, **perfusion),
             # Repeated boluses: higher cumulative doses than in pigs.
             SimulatedSet("icg", "icg", "icg", subjects=icg_rats, images_per_subject=icg,
                          first_subject=41, focus=ICG_LABELS, minutes=(0.5, 10.0),

@@ -12,10 +12,12 @@ from xeno_jax.simulate.species import (
     make_species,
     register_species,
     species_names,
+    with_response_divergence,
 )
 
 __all__ = [
     "HUMAN", "PIG", "RAT", "STATE_NAMES", "Camera", "PerfusionState", "Spec", "Species",
     "generate", "generate_batch", "get_species", "make_spec", "make_species",
     "register_species", "species_names", "stack_specs", "state_index",
+    "with_response_divergence",
 ]

@@ -52,7 +52,12 @@ _PRIORS = {
     "colon":      (0.030, 0.70, 0.80, 0.03, 18.0, 1.30, 0.0),
     "liver":      (0.100, 0.55, 0.72, 0.03, 12.0, 1.10, 0.0),
     "pancreas":   (0.020, 0.72, 0.74, 0.08, 24.0, 1.40, 0.0),
-    "kidney":     (0.060, 0.70, 0.80, 0.01, 16.0, 1.30, 0.0),
+    # Kidney S 0.82 (was 0.70): the paper's physiological kidneys show a Tivita StO2 index
+    # mostly at or above 0.6 (Tivita kidney 70.3 +- 11.0 %, Studier-Fischer et al. 2024, Sci
+    # Rep 14, doi:10.1038/s41598-024-68280-3); the simulated index reads about 0.1 below the
+    # true S of kidney (noise, surface reflection), so S 0.70 gave an index median of 0.56 in
+    # pig, and 0.80 still 0.62.
+    "kidney":     (0.060, 0.82, 0.80, 0.01, 16.0, 1.30, 0.0),
     "spleen":     (0.180, 0.58, 0.78, 0.01, 14.0, 1.10, 0.0),
     "omentum":    (0.015, 0.80, 0.15, 0.75, 19.3, 0.80, 0.0),
     "lung":       (0.080, 0.92, 0.80, 0.02, 30.0, 1.20, 0.0),

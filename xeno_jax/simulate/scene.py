@@ -4,8 +4,13 @@ A scene is a fixed set of object slots drawn in painter's order (``docs/tissue_o
 section 6.1): drapes, gauze and gloves at the border; the surgical opening as nested skin,
 peritoneum and cavity floor; solid organs as radial-Fourier superellipses; colon and small
 bowel as tubes along smooth random centre lines; metal retractors on top. Each slot is present
-or not (organ slots with the species' organ-presence probability), and the organ named by the
-specification's ``focus`` is always present, central, larger and on top of the other organs.
+or not (organ slots with the species' organ-presence probability). The organ named by the
+specification's ``focus`` is always present and otherwise drawn from the same distribution as
+in any other image (size, position, painter's order), so that pathological images, which all
+focus on the imaged organ, show the same scenes as physiological ones. One documented
+difference: a focus organ that other objects would hide for the most part (less than
+`FOCUS_MIN_VISIBLE` of it visible) is drawn on top, because a recording of an organ shows that
+organ (an image of a malperfused kidney without kidney pixels would be no such image).
 Geometry is in millimetres over the Tivita field of view (0.45 mm/pixel at 480 x 640), so any
 image size shows the same scene, and organs shrink with the species' anatomy scale.
 
@@ -65,6 +70,7 @@ _BLOB_TABLE = np.array([b[1:] for b in _BLOBS], np.float32)
 _TUBE_TABLE = np.array([t[1:] for t in _TUBES], np.float32)
 _FOCUS_Z_BOOST = 50.0
 _TOP_Z = 100.0
+FOCUS_MIN_VISIBLE = 0.1
 
 
 def pixel_grid(height: int, width: int) -> jnp.ndarray:
@@ -154,7 +160,7 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     Args:
       key: PRNG key.
       species: gives organ presence probabilities and anatomy scale.
-      focus: label index forced present and central (traced int; -1 for none).
+      focus: label index always present (traced int; -1 for none).
       height, width: image size in pixels (static).
 
     Returns:
@@ -184,7 +190,7 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     is_focus = is_focus & (jnp.cumsum(is_focus) == 1)
 
     u = draws.uniform((n_blobs, 6))
-    size = jnp.where(organ > 0, scale, 1.0) * (0.8 + 0.45 * u[:, 0]) * jnp.where(is_focus, 1.1, 1.0)
+    size = jnp.where(organ > 0, scale, 1.0) * (0.8 + 0.45 * u[:, 0])
     radius = jnp.where(region == 4, radius_mm * opening_radius, radius_mm * size)
     aspect = aspect_lo + (aspect_hi - aspect_lo) * u[:, 1]
     angle = 2 * jnp.pi * u[:, 2]
@@ -199,7 +205,6 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     rad = 0.62 * opening_radius * jnp.sqrt(u[:, 5])
     inside = center + rad[:, None] * jnp.stack([jnp.sin(phi), jnp.cos(phi)], -1)
     upper = inside.at[:, 0].set(center[0] - 0.5 * opening_radius + 0.3 * rad * jnp.sin(phi))
-    focus_center = center + 0.15 * opening_radius * draws.normal((n_blobs, 2))
     inward = jnp.where(side[:, None] < 2, jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
     inward = inward * jnp.where((side == 0) | (side == 2), 1.0, -1.0)[:, None]
     bar_length = radius * jnp.sqrt(aspect)
@@ -208,7 +213,6 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     centers = jnp.select(
         [region[:, None] == 0, region[:, None] == 2, region[:, None] == 3, region[:, None] == 4],
         [border, upper, bar, jnp.broadcast_to(center, (n_blobs, 2))], inside)
-    centers = jnp.where(is_focus[:, None], focus_center, centers)
     angle = jnp.select([region == 3, region == 4], [bar_angle, 0.0], angle)
     aspect = jnp.where(region == 4, fov[1] / fov[0], aspect)
 
@@ -238,8 +242,6 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     phi = 2 * jnp.pi * draws.uniform((n_tubes,))
     rad = 0.5 * opening_radius * jnp.sqrt(draws.uniform((n_tubes,)))
     start = center + rad[:, None] * jnp.stack([jnp.sin(phi), jnp.cos(phi)], -1)
-    start = jnp.where(tube_focus[:, None], center - 0.3 * length[:, None] * jnp.array([0.0, 1.0]),
-                      start)
     paths = _random_paths(draws, n_tubes, start, length, curvature=0.45)
     tube_dist = jax.vmap(_polyline_distance, in_axes=(None, 0))(organ_grid, paths)
     tube_ratio = tube_dist / (diameter / 2)[:, None, None]
@@ -251,11 +253,16 @@ def layout(key, species: Species, focus, height: int, width: int) -> dict:
     # Painter's order: the highest z among the objects covering a pixel wins.
     blob_z = jnp.arange(n_blobs, dtype=jnp.float32)
     blob_z = jnp.where(region == 3, _TOP_Z + blob_z, blob_z)
-    blob_z = jnp.where(is_focus, blob_z + _FOCUS_Z_BOOST, blob_z)
     tube_z = n_blobs + jnp.arange(n_tubes, dtype=jnp.float32) - 2.5  # above organs, below bars
-    tube_z = jnp.where(tube_focus, tube_z + _FOCUS_Z_BOOST, tube_z)
     inside_all = jnp.concatenate([blob_inside, tube_inside])
     z_all = jnp.concatenate([blob_z, tube_z])
+    # A mostly hidden focus organ is lifted on top of the other organs (see the docstring).
+    focus_slot = jnp.concatenate([is_focus, tube_focus])
+    order = jnp.argmax(jnp.where(inside_all, z_all[:, None, None], -jnp.inf), axis=0)
+    focus_area = jnp.sum(inside_all & focus_slot[:, None, None], axis=(0, 1, 2))
+    focus_visible = jnp.sum(focus_slot[order] & jnp.any(inside_all, axis=0))
+    hidden = focus_visible < FOCUS_MIN_VISIBLE * focus_area
+    z_all = jnp.where(focus_slot & hidden, z_all + _FOCUS_Z_BOOST, z_all)
     height_all = jnp.concatenate([blob_height, tube_height])
     material_all = jnp.concatenate([jnp.asarray(BLOB_MATERIAL), jnp.asarray(TUBE_MATERIAL)])
     z = jnp.where(inside_all, z_all[:, None, None], -jnp.inf)

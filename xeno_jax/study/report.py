@@ -3,8 +3,9 @@
 Tables (method.md C2): class-level DSC and NSD (image -> subject -> class) with 95% subject-
 bootstrap intervals per configuration and test set; a key table of the pathology labels; and
 the xeno-learning-minus-baseline differences. Figures (method.md C3): DSC against median StO2
-of kidney per transfer direction, ICG improvement per organ, the mean pathological change of the
-transferred organs in the source and target species, and example predictions next to labels.
+of kidney per transfer direction, ICG improvement per organ and example predictions next to
+labels; then the transfer similarity of the transferred organs between the species involved
+(`xeno_jax.analysis`: pathological changes, cosines and magnitude ratios with intervals).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
+from xeno_jax import analysis
+from xeno_jax.analysis.report import markdown_table
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.evaluate.perfusion import parameter_curves
 from xeno_jax.io import atomic_write
 from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS, SPECIES_12
-from xeno_jax.spectra import tivita_wavelengths
 from xeno_jax.study import runs
 from xeno_jax.study.configurations import parse_configuration
 from xeno_jax.study.study import Evaluation
@@ -71,13 +73,6 @@ def key_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
             row["ICG-organ DSC, ICG"] = _fmt(*label_summary(tables["icg"], icg))
         rows.append(row)
     return rows
-
-
-def markdown_table(rows: Sequence[dict[str, str]]) -> str:
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row.get(c, "") for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def class_table(evaluations: Sequence[Evaluation], test_set: str, metric: str) -> str:
@@ -199,60 +194,34 @@ def plot_icg_improvement(evaluations: Sequence[Evaluation], path: Path) -> bool:
     return True
 
 
-def mean_change(catalog, healthy, sick, label: int) -> np.ndarray | None:
-    """Mean L1 spectrum of a label's pixels in `sick` minus that in `healthy` images."""
-    means = []
-    for records in (healthy, sick):
-        spectra = []
-        for record in [r for r in records if label in r.labels]:
-            example = catalog.read(record)
-            cube = example["cube"][np.asarray(example["labels"]) == label].astype(np.float64)
-            spectra.append((cube / np.abs(cube).sum(-1, keepdims=True)).mean(0))
-        if not spectra:
-            return None
-        means.append(np.mean(spectra, axis=0))
-    return means[1] - means[0]
+def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[str]:
+    """Transfer similarity (`xeno_jax.analysis`) of the species and pathologies transferred.
 
-
-def plot_spectral_changes(config: ml_collections.ConfigDict, path: Path) -> bool:
-    """Mean pathological change of the transferred organs in source and target species."""
-    directions = {}
+    Its table (``analysis.md``, ``transfer.csv``) and figures go to `folder` (inside the
+    report's ``figures``); returns the report's markdown lines, which link to them.
+    """
+    species, states = set(), {runs.PHYSIOLOGICAL_SPLIT}
     for name in config.configurations:
         parsed = parse_configuration(name)
         if parsed.is_projected:
-            directions.setdefault((parsed.pathology, tuple(runs.BANK_RECIPES[
-                parsed.pathology, parsed.source].labels)), set()).update(
-                {parsed.source, parsed.target})
-    if not directions:
-        return False
-    panels = [(pathology, label, sorted(species)) for (pathology, labels), species
-              in directions.items() for label in labels[:3]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    wavelengths = tivita_wavelengths()
-    for ax, (pathology, label_name, species) in zip(axes[0], panels, strict=True):
-        label = SPECIES_12.name_to_index(label_name)
-        state = "malperfusion" if pathology == "malperfusion" else "icg"
-        for sp in species:
-            catalog = runs.catalog_for([sp], config.dataset, config.data_dir,
-                                       ("physiological", state))
-            recipe = runs.BANK_RECIPES.get((pathology, sp))
-            if recipe is not None:  # a source species: the images its projections come from
-                healthy = catalog.filter(species=sp, **recipe.physiological)
-                sick = catalog.filter(species=sp, **recipe.pathological)
-            else:
-                healthy = runs.semantic_images(catalog, sp)
-                sick = catalog.filter(species=sp, perfusion_state=state)
-            change = mean_change(catalog, healthy, sick, label)
-            if change is not None:
-                ax.plot(wavelengths, change, label=sp)
-        ax.axhline(0, color="black", linewidth=0.6)
-        ax.set(title=f"{label_name}: {pathology} - physiological", xlabel="wavelength [nm]",
-               ylabel="mean change of L1 spectrum")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+            species |= {parsed.source, parsed.target}
+            states.add("icg" if parsed.pathology == "ICG" else "malperfusion")
+    if not species:
+        return []
+    species = sorted(species)
+    catalog = runs.catalog_for(species, config.dataset, config.data_dir, sorted(states))
+    table = analysis.extract(catalog, catalog.records)
+    text = analysis.write_analyses(table, species, folder, analyses=("transfer",))
+    with atomic_write(folder / "analysis.md", text=True) as f:
+        f.write(text)
+    link = f"figures/{folder.name}"
+    lines = ["## Transfer similarity", "",
+             f"Cosines and magnitude ratios of the pathological changes between "
+             f"{', '.join(species)}, with subject-bootstrap intervals: "
+             f"[table]({link}/analysis.md) ([CSV]({link}/transfer.csv)).", ""]
+    for figure in sorted(folder.glob("transfer_*.png")):
+        lines += [f"![{figure.stem}]({link}/{figure.name})", ""]
+    return lines
 
 
 def plot_examples(workdir: Path, evaluations: Sequence[Evaluation], path: Path) -> bool:
@@ -325,8 +294,6 @@ def write_report(config: ml_collections.ConfigDict, workdir: Path,
          lambda p: plot_dsc_against_sto2(evaluations, p)),
         ("ICG improvement per organ", "icg_improvement.png",
          lambda p: plot_icg_improvement(evaluations, p)),
-        ("Mean pathological change of the transferred organs", "spectral_changes.png",
-         lambda p: plot_spectral_changes(config, p)),
         ("Example predictions", "examples.png",
          lambda p: plot_examples(workdir, evaluations, p)),
     ]
@@ -334,6 +301,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: Path,
     for title, file, plot in plots:
         if plot(figures / file):
             lines += [f"### {title}", "", f"![{title}](figures/{file})", ""]
+    lines += spectral_section(config, figures / "analysis")
     path = workdir / "report.md"
     with atomic_write(path, text=True) as f:
         f.write("\n".join(lines))

@@ -85,13 +85,15 @@ def ensure_dataset(species: str, dataset: str, data_dir: str | os.PathLike) -> N
 
 
 def catalog_for(species: Sequence[str], dataset: str, data_dir: str | os.PathLike,
-                splits: Sequence[str] = (PHYSIOLOGICAL_SPLIT,)) -> Catalog:
-    """A catalog over the given splits (those a species has) of several species' datasets."""
+                splits: Sequence[str] | None = (PHYSIOLOGICAL_SPLIT,)) -> Catalog:
+    """A catalog over the given splits (those a species has; None: all) of several species'
+    datasets."""
     refs = []
     for sp in species:
         ensure_dataset(sp, dataset, data_dir)
         available = tfds.builder(dataset_name(sp, dataset), data_dir=str(data_dir)).info.splits
-        refs += [f"{dataset_name(sp, dataset)}:{s}" for s in splits if s in available]
+        refs += [f"{dataset_name(sp, dataset)}:{s}" for s in (sorted(available) if splits is None
+                                                              else splits) if s in available]
     return Catalog(refs, data_dir)
 
 
