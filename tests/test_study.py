@@ -13,7 +13,7 @@ from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.study import report, runs
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
-from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
+from xeno_jax.study.study import SCORES_FINGERPRINT, run_configs, run_study
 from xeno_jax.train.fingerprint import StaleWorkError
 
 pytestmark = pytest.mark.slow
@@ -154,6 +154,17 @@ def test_every_paper_configuration_has_a_valid_config(name):
         assert (parsed.pathology, parsed.source) in runs.BANK_RECIPES
     with pytest.raises(AttributeError):
         config.train.bach_size = 4  # locked: misspelt keys are errors
+
+
+def test_overrides_reach_every_run_and_unset_ones_keep_the_configuration():
+    config = study_config.get_config("demo,sim_tiny")
+    with config.unlocked():
+        config.overrides.train.epochs = 3
+        config.overrides.model.dtype = "bfloat16"
+    plain = run_config("baseline_human", quick=True, dataset="sim_tiny")
+    for _, _, run in run_configs(config, "baseline_human"):
+        assert run.train.epochs == 3 and run.model.dtype == "bfloat16"
+        assert run.train.batch_size == plain.train.batch_size
 
 
 def test_unknown_configuration_is_an_error():

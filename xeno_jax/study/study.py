@@ -70,6 +70,7 @@ def run_configs(config: ml_collections.ConfigDict, configuration: str
         raise ValueError(f"config.data.spec={base.data.spec} is one spec file, but the study has "
                          f"outer folds {tuple(config.outer_folds)}: give a folder of the "
                          "reference's spec files (one per species and outer fold)")
+    with base.unlocked():
         for section, overrides in config.overrides.items():
             for key, value in overrides.items():
                 if value is not None:  # unset placeholders keep the configuration's value
