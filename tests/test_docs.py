@@ -5,7 +5,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CITED = re.compile(r"[A-Za-z0-9_./-]+\.md\b")
-GENERATED = {"report.md"}  # written by the study, not a document of the repository
+# written by the study and the analysis, not documents of the repository
+GENERATED = {"report.md", "analysis.md"}
 
 
 def _cited_documents():

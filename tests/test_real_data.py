@@ -297,7 +297,8 @@ def test_unknown_label_names_fail_with_the_closest_names(tmp_path, typo, closest
 def test_builds_killed_earlier_leave_no_incomplete_folders(tmp_path):
     rng = np.random.default_rng(6)
     write_dataset(tmp_path / "d", {("P001", "t1", False): random_image(rng, 6, 8)})
-    stale = tmp_path / "tfds" / "pig" / "tivita" / "incomplete.AB12CD_1.0.0"
+    version = data_builders.builder("pig", "tivita", data_dir=str(tmp_path)).version
+    stale = tmp_path / "tfds" / "pig" / "tivita" / f"incomplete.AB12CD_{version}"
     stale.mkdir(parents=True)  # what a SIGKILLed build leaves
     builder = build(tmp_path / "d", tmp_path / "tfds")
     assert builder.is_prepared() and not stale.exists()
