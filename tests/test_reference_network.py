@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from distributed_worker import InMemoryIterator, make_dataset, tiny_config
@@ -25,6 +26,7 @@ from xeno_jax.models.convert import (
     save_pretrained,
     variables_from_state_dict,
 )
+from xeno_jax.models.efficientnet import depthwise_conv
 from xeno_jax.study import runs
 from xeno_jax.study.configurations import config_from_arg, run_config
 from xeno_jax.train import train, validate_config
@@ -91,6 +93,28 @@ def test_b5_matches_smp_in_eval_and_training_mode():
     # Batch statistics over 2 x 2 x 2 values per channel at stride 32 amplify float rounding.
     np.testing.assert_allclose(train_logits, expected_train,
                                atol=1e-3 * np.abs(expected_train).max(), rtol=0)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, (1, 1)), (5, 2, (1, 2)), (3, 2, (0, 1))])
+def test_depthwise_convolution_equals_xla_grouped_convolution(kernel, stride, padding):
+    """The CPU program of `depthwise_conv` (shifted products) against XLA's grouped convolution,
+    values and gradients."""
+    rng = np.random.default_rng(kernel + stride)
+    x = jnp.asarray(rng.normal(size=(2, 13, 16, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), (padding, padding),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=6, precision="highest")
+
+    def loss(fn):
+        return jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1))(x, w)
+
+    ours = functools.partial(depthwise_conv, stride=stride, padding=padding)
+    np.testing.assert_allclose(ours(x, w), grouped(x, w), atol=1e-5)
+    for got, want in zip(loss(ours), loss(grouped), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_drop_connect_drops_whole_residual_branches_in_training_only(b0_state):
