@@ -14,7 +14,10 @@ batch, in one process with the repetitions interleaved:
 
 Where the time goes: each framework is also timed for the training-mode forward with the loss
 alone and for forward + backward (gradients, no optimiser); the step minus these is the
-optimiser's (and, for xeno_jax, the gradient all-reduce and guard's) share.
+optimiser's (and, for xeno_jax, the gradient all-reduce and guard's) share. These programs are
+compiled separately from the step, so on a CPU their shares need not add up. Then one depthwise
+layer of the B5, forward and backward, with XLA's grouped convolution, `depthwise_conv` and
+PyTorch (XLA's grouped convolution is what made the step slow on CPUs).
 
     python experiments/benchmarks/reference_network.py                 # CPU, 8 x 128 x 160 x 100
     python experiments/benchmarks/reference_network.py --batch=2 --height=64 --width=80
@@ -39,6 +42,7 @@ import numpy as np
 from experiments.benchmarks.input_pipeline import load_average
 from xeno_jax.models import build_model
 from xeno_jax.models.convert import import_smp, variables_from_state_dict
+from xeno_jax.models.efficientnet import depthwise_conv
 from xeno_jax.train.losses import segmentation_loss
 from xeno_jax.train.parallel import (
     DATA_AXIS,
@@ -154,6 +158,58 @@ def jax_runner(model, variables: dict, batch: dict):
     return run
 
 
+def depthwise_layer(accelerator: bool, repeats: int, calls: int = 5) -> None:
+    """One 5x5 depthwise layer of the B5 (8 x 64 x 80 x 240), forward and backward: XLA's
+    grouped convolution, `depthwise_conv` (what the network runs on this platform) and
+    PyTorch's, repetitions interleaved."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    channels, kernel = 240, 5
+    x = rng.normal(size=(8, 64, 80, channels)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, 1, channels)).astype(np.float32)
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), ((2, 2), (2, 2)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=channels)
+
+    def jax_call(fn):
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) ** 2), argnums=(0, 1)))
+        args = (jnp.asarray(x), jnp.asarray(w))
+        return lambda: jax.block_until_ready(grad(*args))
+
+    device = "cuda" if accelerator else "cpu"
+    xt = torch.tensor(x.transpose(0, 3, 1, 2).copy(), device=device, requires_grad=True)
+    wt = torch.tensor(w.transpose(3, 2, 0, 1).copy(), device=device, requires_grad=True)
+
+    def torch_call():
+        xt.grad = wt.grad = None
+        (torch.nn.functional.conv2d(xt, wt, padding=2, groups=channels) ** 2).sum().backward()
+        if accelerator:
+            torch.cuda.synchronize()
+
+    calls_of = {"XLA grouped convolution": jax_call(grouped),
+                "depthwise_conv": jax_call(functools.partial(depthwise_conv, stride=1,
+                                                             padding=(2, 2))),
+                "PyTorch": torch_call}
+    seconds = {name: [] for name in calls_of}
+    for call in calls_of.values():
+        call()
+    for _ in range(repeats):
+        for name, call in calls_of.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                call()
+            seconds[name].append((time.perf_counter() - start) / calls)
+    print(f"\nOne depthwise layer (5x5, 8 x 64 x 80 x 240), forward and backward; {load_average()}")
+    torch_seconds = seconds["PyTorch"]
+    for name, values in seconds.items():
+        ratios = [t / v for t, v in zip(torch_seconds, values, strict=True)]
+        print(f"  {name:24s} {statistics.median(values):7.3f} s   PyTorch / this = "
+              f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}]")
+
+
 def measure(runners: dict, steps: int, repeats: int) -> dict:
     """Seconds per call of every (framework, phase), repetitions interleaved, after a warm-up."""
     for run in runners.values():
@@ -227,6 +283,7 @@ def main() -> None:
              f"{'bf16 / fp16 autocast' if accelerator else 'float32'}, "
              f"JAX on {device.device_kind}, PyTorch {torch.__version__} on {torch_device}")
     report(seconds, args.batch, label)
+    depthwise_layer(accelerator, args.repeats)
 
 
 if __name__ == "__main__":
