@@ -211,9 +211,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple[
                    ) -> jax.Array:
     """Depthwise convolution of NHWC `x` with a (k, k, 1, C) kernel, one program per platform.
 
-    XLA's grouped convolution is slow on CPUs (a B5 training step spent most of its time in
-    its gradients, ~8x slower than a sum of k^2 shifted products of the same values); on CPUs
-    the convolution is that sum, elsewhere XLA's convolution. Both compute the same function.
+    XLA's grouped convolution is slow on CPUs (forward and backward, ~7x slower than a sum of
+    k^2 shifted products of the same values: experiments/benchmarks/reference_network.py); on
+    CPUs the convolution is that sum, elsewhere XLA's convolution. Both compute the same
+    function.
     """
     pad = ((0, 0), padding, padding, (0, 0))
 
