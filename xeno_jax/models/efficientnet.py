@@ -197,13 +197,13 @@ def _torch_bias_init(fan_in: int):
 
 
 def _conv(features: int, kernel: int, *, in_features: int, dtype: Any, name: str,
-          stride: int = 1, padding: tuple[int, int] = (0, 0), groups: int = 1,
+          stride: int = 1, padding: tuple[int, int] = (0, 0),
           bias: bool = False, kernel_init: Any = TORCH_CONV_INIT,
           bias_init: Any = None) -> nn.Conv:
     """A square convolution with explicit (before, after) padding on both spatial axes."""
-    fan_in = in_features // groups * kernel * kernel
+    fan_in = in_features * kernel * kernel
     return nn.Conv(features, (kernel, kernel), strides=stride, padding=(padding, padding),
-                   feature_group_count=groups, use_bias=bias, dtype=dtype, name=name,
+                   use_bias=bias, dtype=dtype, name=name,
                    kernel_init=kernel_init, bias_init=bias_init or _torch_bias_init(fan_in))
 
 
