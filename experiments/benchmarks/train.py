@@ -6,8 +6,9 @@ For each model and compute dtype, in one run with the repetitions of the modes i
   the mesh as `xeno_jax.train.train` launches it) on one batch already on the devices, no
   augmentation;
 - ``step+augment``: the same batch through the xeno-learning augmentation pipeline (the A4
-  preset with the projection step for kidney; a bank of 60 maps) as `train` runs it now: jitted
-  over the global batch (`xeno_jax.train.step.augment_batch`), then the step;
+  preset with the projection step for kidney; a bank of 60 maps) as `train` runs it now: on the
+  global batch (`xeno_jax.train.step.augment_batch`), in one program with the step
+  (`data_parallel(..., prepare=...)`);
 - ``step+augment per device [before]``: the augmentation as it ran before, inside the
   per-device step on each device's own rows (a key folded with the device index);
 - ``step+augment+pipeline``: as `train` runs: every batch from `xeno_jax.data.train_iterator`
@@ -62,7 +63,6 @@ from xeno_jax.train.parallel import (
     data_parallel,
     fetch_replicated,
     make_mesh,
-    on_global_batch,
     put_replicated,
     shard_batch,
 )
@@ -120,7 +120,9 @@ def benchmark(name: str, dtype: str, modes: list[str], args) -> dict[str, list[f
     per_device = data_parallel(
         functools.partial(per_device_augmented_step, step=step, augment=augment), mesh,
         donate=True)
-    run_augment = on_global_batch(functools.partial(augment_batch, augment=augment), mesh)
+    augmented_step = data_parallel(
+        step, mesh, donate=True,
+        prepare=lambda batch, rng, i, bank: augment_batch(rng, i, batch, bank, augment=augment))
     augment_alone = jax.jit(augment)
     kidney = SPECIES_12.name_to_index("kidney")
     bank = put_replicated(near_identity_bank(np.random.default_rng(0), [kidney], args.bank_pairs,
@@ -130,8 +132,8 @@ def benchmark(name: str, dtype: str, modes: list[str], args) -> dict[str, list[f
     print(f"\n{name} {dtype}: {config.model.variant} U-Net, batches {shape}, "
           f"{len(mesh.devices.flat)} device(s), {len(records)} training images")
 
-    def augmented(batch, i):
-        return run_augment(rng, put_replicated(np.int32(i), mesh), batch, bank)
+    def augmented(state, batch, i):
+        return augmented_step(state, batch, (rng, put_replicated(np.int32(i), mesh), bank))
 
     def run(mode: str, steps: int) -> float:
         nonlocal state
@@ -141,11 +143,11 @@ def benchmark(name: str, dtype: str, modes: list[str], args) -> dict[str, list[f
             if mode == STEP:
                 state, metrics = plain(state, fixed)
             elif mode == AUGMENT:
-                state, metrics = plain(state, augmented(fixed, i))
+                state, metrics = augmented(state, fixed, i)
             elif mode == PER_DEVICE:
                 state, metrics = per_device(state, fixed, bank)
             elif mode in (PIPELINE, PIPELINE_SYNC):
-                state, metrics = plain(state, augmented(shard_batch(next(iterator), mesh), i))
+                state, metrics = augmented(state, shard_batch(next(iterator), mesh), i)
             else:
                 jax.block_until_ready(augment_alone(jax.random.key(i), fixed, bank))
                 continue

@@ -250,23 +250,37 @@ def train(
 
     # ---- The global-batch augmentation; per-device steps, launched over the mesh ----------
     parallel = functools.partial(data_parallel, mesh=mesh, backend=config.parallel.backend)
+    augmented = augment is not identity_augment
+
+    def augment_global(batch, rng, key_step, augment_data):
+        return augment_batch(rng, key_step, batch, augment_data, augment=augment)
+
+    # With an augmentation, one program augments the global batch and runs the per-device step.
     run_train_step = parallel(
         functools.partial(
             train_step, model=model, optimizer=optimizer, swa_schedule=swa_schedule
         ),
         donate=True,
+        prepare=augment_global if augmented else None,
     )
     bind_predictor = predictor((model,), mesh, backend=config.parallel.backend)
     augment_data = put_replicated(augment_data, mesh)
     rng = put_replicated(fetch_replicated(state.rng), mesh)  # the state's own copy is donated
-    run_augment = on_global_batch(functools.partial(augment_batch, augment=augment), mesh)
+    run_augment = on_global_batch(augment_global, mesh)
+
+    def augment_args(key_step: int) -> tuple[Any, ...]:
+        return rng, put_replicated(np.int32(key_step), mesh), augment_data
 
     def next_batch(key_step: int) -> dict[str, jax.Array]:
         """The next global training batch, augmented with the key of step `key_step`."""
         batch = shard_batch(next(train_iter), mesh)
-        if augment is identity_augment:
-            return batch
-        return run_augment(rng, put_replicated(np.int32(key_step), mesh), batch, augment_data)
+        return run_augment(batch, *augment_args(key_step)) if augmented else batch
+
+    def train_one_step(state: TrainState, key_step: int) -> tuple[TrainState, dict]:
+        batch = shard_batch(next(train_iter), mesh)
+        if augmented:
+            return run_train_step(state, batch, augment_args(key_step))
+        return run_train_step(state, batch)
 
     unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # steps whose flag is not read yet
 
@@ -290,7 +304,7 @@ def train(
     projected: list[jax.Array] = []  # pixels the projection changed, per step of this epoch
     try:
         for step in range(start_step + 1, total_steps + 1):  # step: steps done after this one
-            state, metrics = run_train_step(state, next_batch(step - 1))
+            state, metrics = train_one_step(state, step - 1)
             # The previous step's flag is read while this one runs. Had it failed, it left the
             # state unchanged, and this step's state is never checkpointed: it raises here.
             check_finite()

@@ -104,6 +104,7 @@ def data_parallel(
     backend: str = "shard_map",
     sharded_output: bool = False,
     donate: bool = False,
+    prepare: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     """Launches ``per_device_fn(replicated, batch, *constants)`` on every device of the mesh.
 
@@ -117,10 +118,15 @@ def data_parallel(
         (predictions); otherwise they are the same on every device (state, metrics).
       donate: donate the first argument (the train state) to the computation; constants are
         never donated.
+      prepare: a function of the whole global batch, ``prepare(batch, *prepare_args) ->
+        batch`` (the training augmentation), applied before the per-device function: in the
+        same program under shard_map, as its own `on_global_batch` program under pmap. Its
+        result is that of one device holding every row (module docstring).
 
     Returns:
       ``fn(replicated, batch, *constants)`` taking and returning global arrays in the layouts
-      of the module docstring.
+      of the module docstring; with `prepare`, ``fn(replicated, batch, prepare_args,
+      *constants)``.
     """
     out_spec = P(DATA_AXIS) if sharded_output else P()
     donate_argnums = (0,) if donate else ()
@@ -129,13 +135,21 @@ def data_parallel(
         return per_device_fn(replicated, batch, *constants)
 
     if backend == "shard_map":
-        mapped = jax.jit(
-            jax.shard_map(
-                per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=out_spec
-            ),
-            donate_argnums=donate_argnums,
+        mapped = jax.shard_map(
+            per_device, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P()), out_specs=out_spec
         )
-        return lambda replicated, batch, *constants: mapped(replicated, batch, constants)
+        if prepare is None:
+            program = jax.jit(mapped, donate_argnums=donate_argnums)
+            return lambda replicated, batch, *constants: program(replicated, batch, constants)
+
+        def prepared(replicated, batch, prepare_args, constants):
+            batch = jax.lax.with_sharding_constraint(prepare(batch, *prepare_args),
+                                                     batch_sharding(mesh))
+            return mapped(replicated, batch, constants)
+
+        program = jax.jit(prepared, donate_argnums=donate_argnums)
+        return lambda replicated, batch, prepare_args, *constants: program(
+            replicated, batch, prepare_args, constants)
     if backend != "pmap":
         raise ValueError(f"parallel backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -163,7 +177,11 @@ def data_parallel(
             out = multihost_utils.host_local_array_to_global_array(out, mesh, out_spec)
         return merge_devices(out) if sharded_output else out
 
-    return run
+    if prepare is None:
+        return run
+    run_prepare = on_global_batch(prepare, mesh)
+    return lambda replicated, batch, prepare_args, *constants: run(
+        replicated, run_prepare(batch, *prepare_args), *constants)
 
 
 def on_global_batch(fn: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
