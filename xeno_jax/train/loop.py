@@ -17,10 +17,11 @@ How it is fed (see `train` for the exact signatures):
   `train` gets ``augment_data`` (``xeno_jax.augment.pipeline.build_pipeline`` functions take the
   ``ProjectionBank`` there): a pure, jittable function of the whole global batch
   (`xeno_jax.train.step.augment_batch`), jitted over the batch's sharding before the
-  per-device step, with a key folded with the step. The augmented batch is therefore the same
-  on any number of devices and processes; batch-level augmentations such as organ
-  transplantation pair images across devices. ``augment_data`` is placed on the devices once,
-  as an input rather than a constant baked into the compiled program.
+  per-device step (in the same program under shard_map), with a key folded with the step.
+  The augmented batch is therefore the same on any number of devices and processes;
+  batch-level augmentations such as organ transplantation pair images across devices.
+  ``augment_data`` is placed on the devices once, as an input rather than a constant baked into
+  the compiled program.
 * ``val_fn(step, predict) -> {name: value}``: called every ``validate_every_epochs`` epochs with
   ``predict(features) -> probabilities`` bound to the current (not SWA-averaged) model, as the
   reference validates; and once at the end with the SWA model if SWA is on. ``predict`` is

@@ -1,8 +1,10 @@
 """The training augmentation of a global batch, and the per-device steps, each written once.
 
 `augment_batch` is a function of the whole global batch: jitted over the batch's sharding
-(`xeno_jax.train.parallel.on_global_batch`), it gives the same augmented batch on any number of
-devices and processes (XLA moves what crosses devices, such as transplanted organs).
+(`xeno_jax.train.parallel.on_global_batch`, or as the ``prepare`` of
+`xeno_jax.train.parallel.data_parallel`, in one program with the step), it gives the same
+augmented batch on any number of devices and processes (XLA moves what crosses devices, such as
+transplanted organs).
 
 The train step, predict step and batch-norm statistics step are functions of ``(replicated,
 batch_slice)`` in the pmap programming model and run inside
