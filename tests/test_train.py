@@ -240,8 +240,8 @@ def augment_on(num_devices, augment, bank, batch, step=5):
     mesh = make_mesh(num_devices)
     run = on_global_batch(functools.partial(augment_batch, augment=augment), mesh)
     rng = jax.random.key_data(jax.random.key(3))
-    out = run(put_replicated(rng, mesh), put_replicated(np.int32(step), mesh),
-              shard_batch(batch, mesh), put_replicated(bank, mesh))
+    out = run(shard_batch(batch, mesh), put_replicated(rng, mesh),
+              put_replicated(np.int32(step), mesh), put_replicated(bank, mesh))
     return jax.tree.map(fetch_global_rows, out)
 
 

@@ -121,8 +121,7 @@ def benchmark(name: str, dtype: str, modes: list[str], args) -> dict[str, list[f
         functools.partial(per_device_augmented_step, step=step, augment=augment), mesh,
         donate=True)
     augmented_step = data_parallel(
-        step, mesh, donate=True,
-        prepare=lambda batch, rng, i, bank: augment_batch(rng, i, batch, bank, augment=augment))
+        step, mesh, donate=True, prepare=functools.partial(augment_batch, augment=augment))
     augment_alone = jax.jit(augment)
     kidney = SPECIES_12.name_to_index("kidney")
     bank = put_replicated(near_identity_bank(np.random.default_rng(0), [kidney], args.bank_pairs,

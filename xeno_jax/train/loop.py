@@ -252,10 +252,7 @@ def train(
     # ---- The global-batch augmentation; per-device steps, launched over the mesh ----------
     parallel = functools.partial(data_parallel, mesh=mesh, backend=config.parallel.backend)
     augmented = augment is not identity_augment
-
-    def augment_global(batch, rng, key_step, augment_data):
-        return augment_batch(rng, key_step, batch, augment_data, augment=augment)
-
+    augment_global = functools.partial(augment_batch, augment=augment)
     # With an augmentation, one program augments the global batch and runs the per-device step.
     run_train_step = parallel(
         functools.partial(

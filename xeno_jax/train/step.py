@@ -60,9 +60,9 @@ def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
 
 
 def augment_batch(
+    batch: Batch,
     rng: jax.Array,
     step: jax.Array,
-    batch: Batch,
     augment_data: Any = None,
     *,
     augment: AugmentFn = identity_augment,
@@ -78,9 +78,9 @@ def augment_batch(
     the whole batch on every device, with an all-reduce of each tile (2048 spectra).
 
     Args:
+      batch: the global batch, features ``(B, H, W, C)`` (float16 or float32), labels, valid.
       rng: uint32 key data of the run's base key (`TrainState.rng`).
       step: int32 step number; the key is `step_key` of both.
-      batch: the global batch, features ``(B, H, W, C)`` (float16 or float32), labels, valid.
       augment_data: passed to `augment` as its third argument (the projection bank), or None.
       augment: ``augment(key, batch[, augment_data]) -> batch``.
 
