@@ -46,7 +46,8 @@ def organ_spectra(workdir: Path, species, dataset: str, data_dir: str, parts: in
         folder = Path(tfds.builder(runs.dataset_name(sp, dataset), data_dir=data_dir).data_dir)
         builds[sp] = [str(folder), (folder / "dataset_info.json").stat().st_mtime_ns]
     identity = json.dumps({"datasets": [str(r) for r in catalog.refs], "builds": builds,
-                           "parts": parts, "images": len(catalog)}, sort_keys=True)
+                           "parts": parts, "images": len(catalog),
+                           "extract": analysis.EXTRACT_VERSION}, sort_keys=True)
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     path = workdir / f"organ_spectra.{digest}.npz"
     if path.exists():

@@ -14,9 +14,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 import data_builders
+from data_builders.pig.pig_dataset_builder import AORTIC_LABELS
 from data_builders.species_builder import SIM_SMALL, TIVITA, SimulatedSet, SpeciesBuilder
 from data_builders.tivita_data import InvalidDataError
-from xeno_jax import simulate
+from xeno_jax import analysis, simulate
 from xeno_jax.data import (
     Catalog,
     DataSpec,
@@ -98,6 +99,27 @@ def test_polygon_annotations_keep_the_full_ground_truth(pig_tiny):
     np.testing.assert_array_equal(example["labels"], [[6, 12], [12, 12]])  # kidney only
     np.testing.assert_array_equal(example["labels_full"], full)
     np.testing.assert_array_equal(example["valid"], [[True, False], [False, False]])
+
+
+def test_pathological_images_count_only_the_organs_their_pathology_acts_on(pig_tiny):
+    """Read through the dataset's files alone (a TFDS read-only builder: sim_micro is not a
+    registered config), the metadata says which organs each experiment's pathology acts on,
+    and the analyses' extraction keeps only those."""
+    _, data_dir = pig_tiny
+    catalog = Catalog(["pig/sim_micro:malperfusion", "pig/sim_micro:icg"], data_dir)
+    acted_on = {"kidney": ("kidney",), "aortic_clamping": AORTIC_LABELS}
+    organs = {r.experiment: catalog.pathological_organs(r) for r in catalog.records}
+    assert organs == {"icg": tuple(range(1, 12)), **{
+        e: tuple(sorted(SPECIES_12.name_to_index(n) for n in names))
+        for e, names in acted_on.items()}}
+    table = analysis.extract(catalog, catalog.records, parts=1)
+    shown = {(r.image_name, label) for r in catalog.records for label in r.labels if label > 0}
+    kept = set(zip(table.image_name, table.label.tolist(), strict=True))
+    left_out = shown - kept
+    assert left_out, "no image shows an organ its pathology spares: the test cannot fail"
+    for name, label in left_out:
+        assert label not in organs[catalog[name].experiment]
+    assert {(n, label) for n, label in kept if label in organs[catalog[n].experiment]} == kept
 
 
 # -- real Tivita data in the reference layout -------------------------------------------------

@@ -10,6 +10,8 @@ import pytest
 
 from data_builders.species_builder import CLAMPED
 from xeno_jax import simulate
+from xeno_jax.analysis import variance
+from xeno_jax.analysis.extract import OrganSpectra, image_rows
 from xeno_jax.labels import ICG_LABELS, SPECIES_12
 from xeno_jax.simulate.materials import MATERIAL_LABEL
 from xeno_jax.simulate.scene import layout
@@ -244,6 +246,43 @@ def test_kidney_sto2_index_as_in_the_papers_histograms(species):
     features, labels = simulate_set(species, "malperfusion", 3, ("kidney",), 8, CLAMPED)
     index = _image_medians(np.asarray(sto2(features)), labels, KIDNEY)
     assert np.mean((index >= 0.1) & (index < 0.3)) >= 0.5, index
+
+
+def test_variance_of_physiological_spectra_as_in_the_papers_mixed_model():
+    """Species and subject shares of the variance of physiological organ spectra (the analysis'
+    mixed model, median over organs and wavelengths) in the ranges around the paper's
+    (species 0.69-0.74 and subject 0.15-0.21 per wavelength): 0.6-0.8 and 0.1-0.3."""
+    subjects, images = 6, 2
+    columns = {k: [] for k in ("image_name", "subject", "species", "label", "parts")}
+    rng = np.random.default_rng(0)
+    for species in SPECIES:
+        names = [(s, i) for s in range(subjects) for i in range(images)]
+        specs = [simulate.make_spec(species, subject=200 + s) for s, _ in names]
+        keys = [jax.random.fold_in(jax.random.key(11), 100 * s + i) for s, i in names]
+        for start in range(0, len(names), BATCH):
+            chunk = [min(j, len(names) - 1) for j in range(start, start + BATCH)]
+            out = simulate.generate_batch(jnp.stack([keys[j] for j in chunk]), simulate.stack_specs(
+                [specs[j] for j in chunk]), height=HEIGHT, width=WIDTH)
+            for row, j in enumerate(chunk[:len(names) - start]):
+                labels = np.asarray(out["labels"][row])
+                found = image_rows({"cube": out["cube"][row], "labels": labels,
+                                    "valid": labels < SPECIES_12.invalid_index}, parts=4, rng=rng)
+                count = len(found["label"])
+                columns["image_name"] += [f"{species}{names[j]}"] * count
+                columns["subject"] += [str(names[j][0])] * count
+                columns["species"] += [species] * count
+                columns["label"] += found["label"]
+                columns["parts"] += found["parts"]
+    count = len(columns["label"])
+    table = OrganSpectra(
+        **{k: np.asarray(columns[k], str) for k in ("image_name", "subject", "species")},
+        perfusion_state=np.full(count, "physiological"), experiment=np.full(count, "semantic"),
+        label=np.asarray(columns["label"]), pixels=np.ones(count, np.int64),
+        mean=np.zeros((count, 1)), median=np.zeros((count, 1)), parts=np.stack(columns["parts"]),
+        sto2_median=np.zeros(count), sto2_histogram=np.zeros((count, 1), np.int64))
+    fractions = {k: v[0] for k, v in variance.decompose(table, resamples=0).overall().items()}
+    assert 0.6 <= fractions["species"] <= 0.8, fractions
+    assert 0.1 <= fractions["subject"] <= 0.3, fractions
 
 
 def test_response_divergence_moves_the_change_away_from_the_source():

@@ -16,8 +16,9 @@ functions of that table:
 """
 
 from xeno_jax.analysis import pca, spectra, transfer, variance
+from xeno_jax.analysis.extract import VERSION as EXTRACT_VERSION
 from xeno_jax.analysis.extract import OrganSpectra, extract
 from xeno_jax.analysis.report import ANALYSES, write_analyses
 
-__all__ = ["ANALYSES", "OrganSpectra", "extract", "pca", "spectra", "transfer", "variance",
-           "write_analyses"]
+__all__ = ["ANALYSES", "EXTRACT_VERSION", "OrganSpectra", "extract", "pca", "spectra",
+           "transfer", "variance", "write_analyses"]

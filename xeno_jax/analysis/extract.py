@@ -6,6 +6,11 @@ subsets (the repeated measures of the variance decomposition), and the organ's T
 index (per-image median and a histogram over pixels). Only the dataset API is used (`Catalog`
 records and their ``cube``, ``labels`` and ``valid`` features), so any dataset config works,
 simulated or real.
+
+A pathological image contributes only the organs its pathology acts on where the dataset says
+which (`Catalog.pathological_organs`; the simulated datasets do): the unclamped kidney of an
+aortic-clamping image is not a malperfused kidney. Real datasets do not say, so every annotated
+organ of their pathological images counts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from xeno_jax.labels import SPECIES_12
 from xeno_jax.spectra import l1_normalize, sto2
 
 STO2_BINS = np.linspace(0.0, 1.0, 21)  # 0.05-wide bins of the StO2 index
+VERSION = 2  # of what `extract` keeps (2: only the organs a pathology acts on); cache keys
 _sto2_map = jax.jit(sto2)
 
 
@@ -89,12 +95,13 @@ class OrganSpectra:
 
 
 def image_rows(example: dict, *, parts: int, rng: np.random.Generator,
-               min_pixels: int = 1) -> dict:
-    """The per-organ statistics of one decoded example (see `OrganSpectra`)."""
+               min_pixels: int = 1, organs: Sequence[int] | None = None) -> dict:
+    """The per-organ statistics of one decoded example (see `OrganSpectra`), of every
+    annotated organ or of those of `organs` the image shows."""
     cube = np.asarray(example["cube"], np.float32)
     labels = np.asarray(example["labels"])
     valid = np.asarray(example["valid"]) & (labels > 0) & (labels < SPECIES_12.invalid_index)
-    organs = [int(v) for v in np.unique(labels[valid])]
+    organs = [int(v) for v in np.unique(labels[valid]) if organs is None or v in organs]
     oxygenation_map = np.asarray(_sto2_map(cube))  # one image shape: one compilation
     rows = {k: [] for k in ("label", "pixels", "mean", "median", "parts", "sto2_median",
                             "sto2_histogram")}
@@ -135,7 +142,8 @@ def extract(catalog, records, *, parts: int = 4, seed: int = 0) -> OrganSpectra:
                                "sto2_median", "sto2_histogram")}
     for number, record in enumerate(records):
         rng = np.random.default_rng([seed, number])
-        rows = image_rows(catalog.read(record), parts=parts, rng=rng)
+        rows = image_rows(catalog.read(record), parts=parts, rng=rng,
+                          organs=catalog.pathological_organs(record))
         for key, values in rows.items():
             columns[key] += values
         for key in ("image_name", "subject", "species", "perfusion_state", "experiment"):

@@ -71,6 +71,8 @@ class Catalog:
         self.data_dir = Path(data_dir)
         self.sources = []
         self.parameter_names: list[list[str]] = []  # per source: the vendor's parameter images
+        # Per source: {experiment: organs its pathology acts on}, where the dataset says.
+        self._pathological_organs: list[dict | None] = []
         self.records: list[Record] = []
         for number, ref in enumerate(self.refs):
             builder = tfds.builder(ref.name, data_dir=str(self.data_dir))
@@ -81,6 +83,10 @@ class Catalog:
             self.sources.append(source)
             metadata = builder.info.metadata or {}
             self.parameter_names.append(list(metadata.get("parameter_names", [])))
+            organs = metadata.get("pathological_organs")
+            self._pathological_organs.append(None if organs is None else {
+                experiment: tuple(sorted(SPECIES_12.name_to_index(n) for n in names))
+                for experiment, names in organs.get(ref.split, {}).items()})
             cache = Path(builder.data_dir) / f"xeno_index.{ref.split}.json"
             self.records += [Record(**{**row, "labels": tuple(row["labels"])}, source=number)
                              for row in _index(source, cache)]
@@ -128,6 +134,12 @@ class Catalog:
     def read(self, record: Record) -> dict:
         """The decoded example of a record (NumPy arrays)."""
         return self.sources[record.source][record.index]
+
+    def pathological_organs(self, record: Record) -> tuple[int, ...] | None:
+        """The organs the pathology of a pathological record acts on; ``None`` where every
+        annotated organ counts (physiological records, datasets that do not say)."""
+        known = self._pathological_organs[record.source]
+        return None if known is None else known.get(record.experiment)
 
     def vendor_index(self, record: Record, example: dict, name: str = "StO2"
                      ) -> np.ndarray | None:
