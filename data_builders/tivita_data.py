@@ -443,29 +443,30 @@ def beam_splits(plan: Plan, settings: Mapping[str, Any], species: str, checks_pa
     """
     beam = data_builders.import_beam()
     todo = [(image, meta) for image, meta in plan.images if image.image_name not in plan.problems]
-    checked_plans = {}
+    splits = plan.splits
+    plan = dataclasses.replace(plan, images=[])  # the workers' copy: the images are elements
+    stages = {}
 
-    def checked_plan(pipeline):  # the first split's transform adds the checks to the pipeline
-        if pipeline not in checked_plans:
-            checked = (pipeline
-                       | "CheckImages" >> beam.Create(todo)
+    def shared(pipeline):  # the images and their checks, added by the first split's transform
+        if pipeline not in stages:
+            images = pipeline | "Images" >> beam.Create(todo)
+            checked = (images
                        | "Check" >> beam.Map(_check, plan=plan, settings=settings)
                        | "Gather" >> beam.combiners.ToList()
                        | "CheckedPlan" >> beam.Map(_checked_plan, plan=plan))
             _ = checked | "WriteChecks" >> beam.Map(_write_checks, path=checks_path)
-            checked_plans[pipeline] = checked
-        return checked_plans[pipeline]
+            stages[pipeline] = images, beam.pvalue.AsSingleton(checked)
+        return stages[pipeline]
 
     @beam.ptransform_fn
     def write_split(pbegin, split):
-        images = [(image, meta) for image, meta in todo if meta.perfusion_state == split]
-        checked = beam.pvalue.AsSingleton(checked_plan(pbegin.pipeline))
-        return (pbegin
-                | "Images" >> beam.Create(images)
+        images, checked = shared(pbegin.pipeline)
+        return (images
+                | "Select" >> beam.Filter(_in_split, split=split)
                 | "Examples" >> beam.FlatMap(_checked_examples, settings=settings,
                                              species=species, checked=checked))
 
-    return {split: write_split(split) for split in plan.splits}
+    return {split: write_split(split) for split in splits}
 
 
 def finish_beam_build(plan: Plan, checks_path: epath.Path) -> None:
@@ -475,6 +476,10 @@ def finish_beam_build(plan: Plan, checks_path: epath.Path) -> None:
     checks_path.unlink()
     plan.problems, plan.warnings = checks["problems"], checks["warnings"]
     plan.fail_or_warn()
+
+
+def _in_split(item: tuple[tivita.TivitaImage, Meta], split: str) -> bool:
+    return item[1].perfusion_state == split
 
 
 def _check(item: tuple[tivita.TivitaImage, Meta], plan: Plan, settings

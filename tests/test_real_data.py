@@ -19,6 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import data_builders
+from data_builders import tivita_data
 from data_builders.tivita_data import CHECKS_FILE, InvalidDataError, RealDataOptions
 
 IDS = {"background": 0, "stomach": 1, "kidney": 3, "meso": 5, "liver": 7, "gallbladder": 9,
@@ -392,19 +393,42 @@ def test_beam_build_of_real_data_gives_the_local_examples(tmp_path, stored_examp
     assert not list((tmp_path / "beam").glob(f"**/{CHECKS_FILE}"))
 
 
-def test_beam_build_reports_every_bad_image_before_writing(tmp_path, stored_examples):
-    """On Beam every image is checked before any example is made: the same one report, no
-    dataset left; with skip_invalid the local build's examples and skipped images."""
+def test_beam_build_reports_every_bad_image_before_writing(tmp_path, stored_examples,
+                                                           monkeypatch):
+    """On Beam every image is checked before any example goes to the writer: the same one
+    report, no dataset left; with skip_invalid the local build's examples and skipped images."""
     bad_dataset(tmp_path / "d", np.random.default_rng(4))
+    events = tmp_path / "events.txt"  # what the (in-process) workers did, in order
+    check, examples = tivita_data._check, tivita_data._checked_examples
+
+    def logged_check(item, **kwargs):
+        with events.open("a") as f:
+            f.write(f"check {item[0].image_name}\n")
+        return check(item, **kwargs)
+
+    def logged_examples(item, **kwargs):
+        for key, example in examples(item, **kwargs):
+            with events.open("a") as f:
+                f.write(f"example {key}\n")
+            yield key, example
+
+    monkeypatch.setattr(tivita_data, "_check", logged_check)
+    monkeypatch.setattr(tivita_data, "_checked_examples", logged_examples)
     with pytest.raises(InvalidDataError) as local_error:
         build(tmp_path / "d", tmp_path / "local")
     with pytest.raises(InvalidDataError) as beam_error:
         build(tmp_path / "d", tmp_path / "beam", beam=True)
     assert "8 of 9 images" in str(local_error.value)
     assert str(local_error.value) in str(beam_error.value)
+    # The five images that passed planning were checked (four bad cubes), none written.
+    checked = [f"check P00{i}#t{i}" for i in (1, 2, 3, 4, 8)]
+    assert sorted(events.read_text().splitlines()) == checked
     assert not list((tmp_path / "beam").glob("pig/tivita/[!.]*"))  # only the build lock
+    events.unlink()
     local = build(tmp_path / "d", tmp_path / "local", skip_invalid=True)
     beam = build(tmp_path / "d", tmp_path / "beam", beam=True, skip_invalid=True)
+    lines = events.read_text().splitlines()
+    assert sorted(lines[:5]) == checked and lines[5:] == ["example P008#t8"]
     assert stored_examples(beam) == stored_examples(local)
     assert len(beam.info.metadata["skipped_images"]) == 8
     assert beam.info.metadata == local.info.metadata
