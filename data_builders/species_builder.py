@@ -19,6 +19,10 @@ TFDS writes into an ``incomplete.*`` folder and renames it only when every split
 an interrupted build never leaves a dataset that looks complete. A build holds a file lock on
 its dataset folder; under it, ``incomplete.*`` folders left by killed builds are removed.
 
+A build runs in this process, or on Apache Beam (the ``beam`` extra) when TFDS's download config
+names a Beam runner or options (``--beam_pipeline_options``): simulated data one element per
+generation batch, real data one per image (`tivita_data.beam_splits`); the examples are the same.
+
 The real-data build (checks, bad-data report, formats) is `data_builders.tivita_data`.
 """
 

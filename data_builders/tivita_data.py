@@ -14,6 +14,9 @@ metadata (``skipped_images``). Problems of the whole dataset fail at once: unkno
 The cube is the reference's L1 file (``intermediates/preprocessing/L1``, float16) when every
 image has one and ``cube_source`` is ``auto`` (or ``L1``), else the ``.dat`` cube; the choice is
 the metadata's ``cube_source``.
+
+On Apache Beam (`beam_splits`) the policy is the same: every image is checked on the workers
+before any example is made.
 """
 
 from __future__ import annotations
