@@ -240,13 +240,15 @@ class Plan:
             return
         if not self.skip_invalid:
             raise InvalidDataError(self.report())
-        logging.warning("%s", self.report().replace("are invalid", "were skipped", 1))
+        logging.warning("%s", self.report(skipped=True))
 
-    def report(self) -> str:
+    def report(self, skipped: bool = False) -> str:
+        """Every bad image and why: invalid, or `skipped` (with ``skip_invalid``)."""
         lines = [f"{name}: {'; '.join(problems)}"
                  for name, problems in sorted(self.problems.items())]
-        return (f"{len(self.problems)} of {self.num_found} images of {self.root} are invalid "
-                "(build with skip_invalid to leave them out and record them):\n  "
+        what = ("were skipped (the metadata's skipped_images)" if skipped else
+                "are invalid (build with skip_invalid to leave them out and record them)")
+        return (f"{len(self.problems)} of {self.num_found} images of {self.root} {what}:\n  "
                 + "\n  ".join(lines))
 
 
