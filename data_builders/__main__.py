@@ -15,6 +15,11 @@ plus the real-data options of the ``tivita`` config (`tivita_data.RealDataOption
   --images=P041#2019_12_14_12_00_00@semantic#reannotation,...   only these images
   --cube_source=auto|L1|dat      the reference's L1 files or the .dat cubes
   --label_aliases=kidnee:kidney  --ignored_labels=heart_valve  --ignored_label_ids=254
+
+TFDS's ``--beam_pipeline_options`` runs the build on Apache Beam (the ``beam`` extra), e.g.
+``--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2`` on this machine, or
+``runner=DataflowRunner,project=...,region=...,temp_location=gs://...``, ``runner=SparkRunner``,
+``runner=FlinkRunner,flink_master=host:8081`` (see the builder README).
 """
 
 import dataclasses
@@ -24,6 +29,7 @@ import simple_parsing
 from absl import app
 from tensorflow_datasets.scripts.cli import build, cli_utils
 
+import data_builders
 from data_builders.species_builder import SpeciesBuilder
 from data_builders.tivita_data import OPTION_NAMES, parse_options
 
@@ -52,10 +58,21 @@ def take_real_data_options(argv: list[str]) -> list[str]:
     return rest
 
 
+def require_beam_if_asked(argv: list[str]) -> None:
+    """Exits naming the ``beam`` extra if `argv` asks for a Beam build and Beam is missing
+    (TFDS's command would quietly build in this process instead)."""
+    if any(arg.startswith("--beam_pipeline_options") for arg in argv):
+        try:
+            data_builders.import_beam()
+        except ImportError as e:
+            sys.exit(f"--beam_pipeline_options: {e}")
+
+
 def main(args: Args) -> None:
     args.execute()
 
 
 if __name__ == "__main__":
     sys.argv = take_real_data_options(sys.argv)
+    require_beam_if_asked(sys.argv)
     app.run(main, flags_parser=cli_utils.make_flags_parser(Args, description=__doc__))

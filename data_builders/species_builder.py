@@ -19,6 +19,10 @@ TFDS writes into an ``incomplete.*`` folder and renames it only when every split
 an interrupted build never leaves a dataset that looks complete. A build holds a file lock on
 its dataset folder; under it, ``incomplete.*`` folders left by killed builds are removed.
 
+A build runs in this process, or on Apache Beam (the ``beam`` extra) when TFDS's download config
+names a Beam runner or options (``--beam_pipeline_options``): simulated data one element per
+generation batch, real data one per image (`tivita_data.beam_splits`); the examples are the same.
+
 The real-data build (checks, bad-data report, formats) is `data_builders.tivita_data`.
 """
 
@@ -36,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+import data_builders
 from data_builders import tivita_data
 from xeno_jax import simulate
 from xeno_jax.io import tivita
@@ -190,7 +196,14 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def __init__(self, *, real_data: tivita_data.RealDataOptions | None = None, **kwargs):
         """Args: real_data: options of the ``tivita`` build; kwargs: TFDS's."""
         self.real_data = real_data or self.DEFAULT_REAL_DATA
+        self._beam = False  # set by download_and_prepare
         super().__init__(**kwargs)
+
+    def __reduce__(self):
+        """Pickled by species name and TFDS's constructor arguments, so that a Beam worker
+        finds the class in the installed package, also when the TFDS command loaded it from
+        its folder (as ``pig.pig_dataset_builder``)."""
+        return _restore_builder, (self.SPECIES, self._original_state)
 
     # -- TFDS interface ---------------------------------------------------------------------
 
@@ -252,7 +265,13 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return path.read_text() if path.exists() else ""
 
     def download_and_prepare(self, *args, **kwargs):
-        """TFDS's build, under a lock on the dataset folder; removes what killed builds left."""
+        """TFDS's build, under a lock on the dataset folder; removes what killed builds left.
+
+        The build runs on Apache Beam when ``download_config`` names a Beam runner or options
+        (``beam_runner``, ``beam_options``), else in this process.
+        """
+        config = kwargs.get("download_config")
+        self._beam = bool(config and (config.beam_runner or config.beam_options))
         folder = Path(self.data_dir).parent
         folder.mkdir(parents=True, exist_ok=True)
         with filelock.FileLock(folder / f".{self.version}.build.lock"):
@@ -266,7 +285,8 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if self.builder_config.source == "tivita":
             return self._tivita_splits(Path(dl_manager.manual_dir))
         splits = sorted({item[1].split for item in self.planned_images()})
-        return {split: self._generate_simulated(split) for split in splits}
+        generate = self._beam_simulated if self._beam else self._generate_simulated
+        return {split: generate(split) for split in splits}
 
     def _generate_examples(self, *args):  # TFDS requires it; the split generators are specific.
         raise NotImplementedError("splits come from _generate_simulated or _generate_tivita")
@@ -328,20 +348,36 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             days=subject, hours=set_number, seconds=17 * index)
         return f"{self.SUBJECT_FORMAT.format(subject)}#{timestamp:%Y_%m_%d_%H_%M_%S}"
 
-    def _generate_simulated(self, split: str) -> Iterator[tuple[str, dict]]:
-        config = self.builder_config
+    def _simulated_batches(self, split: str) -> list[list[tuple[int, SimulatedSet, int, int]]]:
+        """The planned images of a split in batches of `GENERATION_BATCH` (the last one short)."""
         plan = [item for item in self.planned_images() if item[1].split == split]
-        for start in range(0, len(plan), GENERATION_BATCH):
-            chunk = plan[start:start + GENERATION_BATCH]
-            padded = chunk + [chunk[-1]] * (GENERATION_BATCH - len(chunk))
-            keys, specs = zip(*(self.image_spec(*item) for item in padded), strict=True)
-            out = simulate.generate_batch(jnp.stack(keys), simulate.stack_specs(specs),
-                                          height=config.height, width=config.width)
-            out = jax.tree.map(np.asarray, out)
-            for row, item in enumerate(chunk):
-                name = self.image_name(*item)
-                yield name, self._simulated_example(name, *item[1:],
-                                                    jax.tree.map(lambda x, r=row: x[r], out))
+        return [plan[start:start + GENERATION_BATCH]
+                for start in range(0, len(plan), GENERATION_BATCH)]
+
+    def _generate_batch(self, batch) -> Iterator[tuple[str, dict]]:
+        """The examples of one batch, simulated in one call of fixed shape (padded)."""
+        config = self.builder_config
+        padded = batch + [batch[-1]] * (GENERATION_BATCH - len(batch))
+        keys, specs = zip(*(self.image_spec(*item) for item in padded), strict=True)
+        out = simulate.generate_batch(jnp.stack(keys), simulate.stack_specs(specs),
+                                      height=config.height, width=config.width)
+        out = jax.tree.map(np.asarray, out)
+        for row, item in enumerate(batch):
+            name = self.image_name(*item)
+            yield name, self._simulated_example(name, *item[1:],
+                                                jax.tree.map(lambda x, r=row: x[r], out))
+
+    def _generate_simulated(self, split: str) -> Iterator[tuple[str, dict]]:
+        for batch in self._simulated_batches(split):
+            yield from self._generate_batch(batch)
+
+    def _beam_simulated(self, split: str):
+        """The Beam form of `_generate_simulated`: one element per batch (one compilation per
+        worker); the builder travels to the workers as TFDS pickles it (its constructor
+        arguments)."""
+        beam = data_builders.import_beam()
+        return ("Batches" >> beam.Create(self._simulated_batches(split))
+                | "Simulate" >> beam.FlatMap(self._generate_batch))
 
     def _simulated_example(self, name, simulated, subject, index, out) -> dict:
         labels = out["labels"]
@@ -374,9 +410,27 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         settings = tivita.read_dataset_settings(root)
         plan.splits_left = set(plan.splits)
         self.info.metadata.update(plan.metadata())
+        if self._beam:
+            self._tivita_plan = plan
+            return tivita_data.beam_splits(plan, settings, self.SPECIES, self._checks_path())
         return {split: self._generate_tivita(plan, split, settings) for split in plan.splits}
 
     def _generate_tivita(self, plan, split, settings) -> Iterator[tuple[str, dict]]:
         for key, example in tivita_data.generate_split(plan, split, settings):
             yield key, {**example, "species": self.SPECIES}
         self.info.metadata.update(plan.metadata())  # images skipped while writing
+
+    def _checks_path(self):
+        """Where a Beam build's workers leave the cube checks for the driver (in the
+        unfinished dataset folder, which they write anyway; removed once read)."""
+        return epath.Path(self.data_dir) / tivita_data.CHECKS_FILE
+
+    def _process_pipeline_result(self, pipeline_result) -> None:
+        """After a Beam build: the images its workers skipped and warned about -> metadata."""
+        if self.builder_config.source == "tivita":
+            tivita_data.finish_beam_build(self._tivita_plan, self._checks_path())
+            self.info.metadata.update(self._tivita_plan.metadata())
+
+
+def _restore_builder(species: str, state: dict) -> SpeciesBuilder:
+    return data_builders.builder_class(species)(**state)

@@ -14,6 +14,9 @@ metadata (``skipped_images``). Problems of the whole dataset fail at once: unkno
 The cube is the reference's L1 file (``intermediates/preprocessing/L1``, float16) when every
 image has one and ``cube_source`` is ``auto`` (or ``L1``), else the ``.dat`` cube; the choice is
 the metadata's ``cube_source``.
+
+On Apache Beam (`beam_splits`) the policy is the same: every image is checked on the workers
+before any example is made.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+import data_builders
 from xeno_jax.io import tivita
 from xeno_jax.labels import SPECIES_12
 
@@ -218,11 +223,32 @@ class Plan:
                 "skipped_images": dict(sorted(self.problems.items())),
                 "warnings": dict(sorted(self.warnings.items()))}
 
-    def report(self) -> str:
+    def record(self, name: str, problems: Sequence[str], warnings: Sequence[str]) -> None:
+        """Adds an image's problems and warnings."""
+        if warnings:
+            self.warnings[name] = list(warnings)
+        if problems:
+            self.problems.setdefault(name, []).extend(problems)
+
+    def fail_or_warn(self) -> None:
+        """After every image is checked: the report raised (logged with ``skip_invalid``).
+
+        Raises:
+          InvalidDataError: if an image has problems and ``skip_invalid`` is not set.
+        """
+        if not self.problems:
+            return
+        if not self.skip_invalid:
+            raise InvalidDataError(self.report())
+        logging.warning("%s", self.report(skipped=True))
+
+    def report(self, skipped: bool = False) -> str:
+        """Every bad image and why: invalid, or `skipped` (with ``skip_invalid``)."""
         lines = [f"{name}: {'; '.join(problems)}"
                  for name, problems in sorted(self.problems.items())]
-        return (f"{len(self.problems)} of {self.num_found} images of {self.root} are invalid "
-                "(build with skip_invalid to leave them out and record them):\n  "
+        what = ("were skipped (the metadata's skipped_images)" if skipped else
+                "are invalid (build with skip_invalid to leave them out and record them)")
+        return (f"{len(self.problems)} of {self.num_found} images of {self.root} {what}:\n  "
                 + "\n  ".join(lines))
 
 
@@ -339,33 +365,35 @@ def generate_split(plan: Plan, split: str, settings: Mapping[str, Any]
     for image, meta in plan.images:
         if meta.perfusion_state != split or image.image_name in plan.problems:
             continue
-        try:
-            example = _example(plan, image, meta, settings)
-        except (OSError, ValueError) as e:
-            plan.problems.setdefault(image.image_name, []).append(_short(e))
-            continue
+        example, problems, warnings = read_image(plan, image, meta, settings)
+        plan.record(image.image_name, problems, warnings)
         if example is not None:
             yield image.image_name, example
     plan.splits_left.discard(split)
-    if not plan.splits_left and plan.problems:
-        if not plan.skip_invalid:
-            raise InvalidDataError(plan.report())
-        logging.warning("%s", plan.report().replace("are invalid", "were skipped", 1))
+    if not plan.splits_left:
+        plan.fail_or_warn()
 
 
-def _example(plan: Plan, image: tivita.TivitaImage, meta: Meta, settings) -> dict | None:
-    """One image's example, or None (with its problems recorded) if its cube is bad."""
-    name = image.image_name
-    cube = tivita.read_l1(image) if plan.cube_source == "L1" else tivita.read_cube(image.cube_path)
-    if cube.shape != (*plan.size, NUM_BANDS):
-        raise ValueError(f"{image.l1_path if plan.cube_source == 'L1' else image.cube_path}: "
-                         f"shape {cube.shape}, expected {(*plan.size, NUM_BANDS)}")
-    errors, warnings = tivita.cube_problems(cube)
-    if warnings:
-        plan.warnings[name] = warnings
-    if errors:
-        plan.problems.setdefault(name, []).append(f"cube: {', '.join(errors)}")
-        return None
+def read_image(plan: Plan, image: tivita.TivitaImage, meta: Meta, settings: Mapping[str, Any]
+               ) -> tuple[dict | None, list[str], list[str]]:
+    """Reads and checks one image: (its example, None if it is bad; its problems; warnings)."""
+    warnings: list[str] = []
+    try:
+        path = image.l1_path if plan.cube_source == "L1" else image.cube_path
+        cube = tivita.read_l1(image) if plan.cube_source == "L1" else tivita.read_cube(path)
+        if cube.shape != (*plan.size, NUM_BANDS):
+            raise ValueError(f"{path}: shape {cube.shape}, expected {(*plan.size, NUM_BANDS)}")
+        errors, warnings = tivita.cube_problems(cube)
+        if errors:
+            return None, [f"cube: {', '.join(errors)}"], warnings
+        return _example(plan, image, meta, settings, cube), [], warnings
+    except (OSError, ValueError) as e:
+        return None, [_short(e)], warnings
+
+
+def _example(plan: Plan, image: tivita.TivitaImage, meta: Meta, settings, cube: np.ndarray
+             ) -> dict:
+    """One image's example from its checked cube (raises ValueError for bad parameter images)."""
     masks = tivita.read_annotations(image.annotation_path)
     primary = primary_annotation(image, plan.annotation_names, settings)
     stacked = []
@@ -386,7 +414,7 @@ def _example(plan: Plan, image: tivita.TivitaImage, meta: Meta, settings) -> dic
                              f"{ {k: v.shape for k, v in images.items()} }")
         parameters = np.stack([images[p] for p in plan.parameter_names], -1).astype(np.float16)
     return {
-        "image_name": name,
+        "image_name": image.image_name,
         "subject": image.subject,
         "perfusion_state": meta.perfusion_state,
         "experiment": meta.experiment,
@@ -397,6 +425,99 @@ def _example(plan: Plan, image: tivita.TivitaImage, meta: Meta, settings) -> dic
         "parameter_images": parameters,
         **meta.features(),
     }
+
+
+# -- Apache Beam ---------------------------------------------------------------------------------
+
+CHECKS_FILE = "tivita_checks.json"
+"""A Beam build's checks of every image, left for the driver in the unfinished dataset folder."""
+
+
+def beam_splits(plan: Plan, settings: Mapping[str, Any], species: str, checks_path: epath.Path
+                ) -> dict[str, Any]:
+    """The Beam form of `generate_split`: one ``beam.PTransform`` per split, one element per
+    image.
+
+    The same report policy as the local build, with the problems gathered before anything is
+    written: every image is read and checked first (all splits together), and the checked plan
+    (every problem) is a side input of the steps that make the examples, so these start only
+    once every image is checked. With problems they fail with the one report (unless
+    ``skip_invalid``), else they read the good images again and make their examples (one more
+    read of each cube, instead of holding every example between the steps). The checks are
+    also written to `checks_path`, for the driver's metadata (`finish_beam_build`).
+    """
+    beam = data_builders.import_beam()
+    todo = [(image, meta) for image, meta in plan.images if image.image_name not in plan.problems]
+    splits = plan.splits
+    plan = dataclasses.replace(plan, images=[])  # the workers' copy: the images are elements
+    stages = {}
+
+    def shared(pipeline):  # the images and their checks, added by the first split's transform
+        if pipeline not in stages:
+            images = pipeline | "Images" >> beam.Create(todo)
+            checked = (images
+                       | "Check" >> beam.Map(_check, plan=plan, settings=settings)
+                       | "Gather" >> beam.combiners.ToList()
+                       | "CheckedPlan" >> beam.Map(_checked_plan, plan=plan))
+            _ = checked | "WriteChecks" >> beam.Map(_write_checks, path=checks_path)
+            stages[pipeline] = images, beam.pvalue.AsSingleton(checked)
+        return stages[pipeline]
+
+    @beam.ptransform_fn
+    def write_split(pbegin, split):
+        images, checked = shared(pbegin.pipeline)
+        return (images
+                | "Select" >> beam.Filter(_in_split, split=split)
+                | "Examples" >> beam.FlatMap(_checked_examples, settings=settings,
+                                             species=species, checked=checked))
+
+    return {split: write_split(split) for split in splits}
+
+
+def finish_beam_build(plan: Plan, checks_path: epath.Path) -> None:
+    """In the driver after the pipeline: the workers' checks -> `plan` (its metadata), the
+    skipped images reported (or the report raised, if the pipeline did not)."""
+    checks = json.loads(checks_path.read_text())
+    checks_path.unlink()
+    plan.problems, plan.warnings = checks["problems"], checks["warnings"]
+    plan.fail_or_warn()
+
+
+def _in_split(item: tuple[tivita.TivitaImage, Meta], split: str) -> bool:
+    return item[1].perfusion_state == split
+
+
+def _check(item: tuple[tivita.TivitaImage, Meta], plan: Plan, settings
+           ) -> tuple[str, list[str], list[str]]:
+    image, meta = item
+    _, problems, warnings = read_image(plan, image, meta, settings)
+    return image.image_name, problems, warnings
+
+
+def _checked_plan(checks: list[tuple[str, list[str], list[str]]], plan: Plan) -> Plan:
+    checked = dataclasses.replace(plan, problems={k: list(v) for k, v in plan.problems.items()},
+                                  warnings=dict(plan.warnings))
+    for name, problems, warnings in checks:
+        checked.record(name, problems, warnings)
+    return checked
+
+
+def _write_checks(checked: Plan, path: epath.Path) -> None:
+    path.write_text(json.dumps({"problems": checked.problems, "warnings": checked.warnings}))
+
+
+def _checked_examples(item: tuple[tivita.TivitaImage, Meta], settings, species: str,
+                      checked: Plan) -> Iterator[tuple[str, dict]]:
+    if checked.problems and not checked.skip_invalid:
+        raise InvalidDataError(checked.report())
+    image, meta = item
+    if image.image_name in checked.problems:
+        return
+    example, problems, _ = read_image(checked, image, meta, settings)
+    if example is None:
+        raise InvalidDataError(f"{image.image_name}: {'; '.join(problems)} (it passed the "
+                               "checks earlier in this build: did the file change?)")
+    yield image.image_name, {**example, "species": species}
 
 
 def _short(error: BaseException) -> str:

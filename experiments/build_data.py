@@ -5,6 +5,8 @@
       --data_dir=workdir/tfds
   python -m experiments.build_data --species=pig --dataset=tivita --manual_dir=/data/pig_tivita \
       --data_dir=/data/tfds [--skip_invalid] [--annotations=semantic#primary,polygon#annotator1]
+  python -m experiments.build_data --species=pig --dataset=tivita ... \
+      --beam_pipeline_options=runner=DirectRunner,direct_num_workers=2   (Apache Beam: the extra)
 
 Real-data options (``--dataset=tivita``): see ``python -m data_builders`` and the builder README.
 """
@@ -28,6 +30,10 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Real data for the tivita 
 _STUDY = config_flags.DEFINE_config_file("study_config", None, "Build what this study needs.")
 _SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "tivita: build without bad images "
                                   "(recorded in the metadata) instead of failing.")
+_BEAM = flags.DEFINE_string("beam_pipeline_options", None, "Build on Apache Beam (the `beam` "
+                            "extra) with these comma-separated pipeline options, as TFDS's "
+                            "command: runner=DirectRunner,direct_num_workers=2, "
+                            "runner=DataflowRunner,project=...,region=...,temp_location=gs://...")
 _REAL = {name: flags.DEFINE_string(name, None, help) for name, help in (
     ("annotations", "tivita: annotation names kept, comma-separated; the first is `labels`."),
     ("images", "tivita: only these image names (comma-separated, optional @<annotation>)."),
@@ -51,12 +57,14 @@ def main(argv):
     if options and dataset != "tivita":
         raise app.UsageError(f"--{', --'.join(sorted(options))}: options of --dataset=tivita")
     extra = {"real_data": parse_options(options)} if options else {}
+    beam = data_builders.beam_options(_BEAM.value) if _BEAM.value else None
     for name in species or data_builders.SPECIES:
         builder = data_builders.builder(name, dataset, data_dir=_DATA_DIR.value, **extra)
         if builder.is_prepared():
             logging.info("%s/%s: already built in %s", name, dataset, builder.data_dir)
             continue
-        download_config = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value)
+        download_config = tfds.download.DownloadConfig(manual_dir=_MANUAL_DIR.value,
+                                                       beam_options=beam)
         builder.download_and_prepare(download_config=download_config)
         logging.info("%s/%s: %s", name, dataset,
                      {k: v.num_examples for k, v in builder.info.splits.items()})

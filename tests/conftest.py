@@ -7,7 +7,27 @@ executable is loaded), and a crash in a test run is worse than a slower one."""
 
 import os
 
+import numpy as np
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+
+
+@pytest.fixture(scope="session")
+def stored_examples():
+    """A function: a built dataset's examples, split -> [(image name, {feature: (dtype, shape,
+    bytes)})] in file order; two builds are equal exactly when they stored the same bytes in
+    every feature of the same examples."""
+    def raw(value):
+        value = np.asarray(value)
+        return value.dtype.str, value.shape, value.tobytes()
+
+    def examples(builder) -> dict[str, list[tuple[str, dict]]]:
+        return {split: [(row["image_name"].decode(), {k: raw(v) for k, v in row.items()})
+                        for row in builder.as_data_source(split)]
+                for split in sorted(builder.info.splits)}
+
+    return examples

@@ -19,7 +19,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 import data_builders
-from data_builders.tivita_data import InvalidDataError, RealDataOptions
+from data_builders import tivita_data
+from data_builders.tivita_data import CHECKS_FILE, InvalidDataError, RealDataOptions
 
 IDS = {"background": 0, "stomach": 1, "kidney": 3, "meso": 5, "liver": 7, "gallbladder": 9,
        "unlabeled": 255}
@@ -94,11 +95,13 @@ def rows(builder) -> dict[str, dict]:
             for row in builder.as_data_source(split)}
 
 
-def build(root, data_dir, **options):
+def build(root, data_dir, *, beam=False, **options):
+    """Builds locally, or on Beam's DirectRunner (in this process) with ``beam``."""
     builder = data_builders.builder("pig", "tivita", data_dir=str(data_dir),
                                     real_data=RealDataOptions(**options))
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(root)))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(root),
+        beam_options=data_builders.beam_options("runner=DirectRunner") if beam else None))
     return builder
 
 
@@ -358,6 +361,89 @@ def test_build_command_options_become_the_builders_real_data_options(monkeypatch
         label_aliases={"kidnee": "kidney"}, ignored_label_ids=(254, 253))
     with pytest.raises(ValueError, match="cube_source must be auto, L1 or dat"):
         take_real_data_options(["--cube_source=raw"])
+
+
+# -- Apache Beam ---------------------------------------------------------------------------------
+
+def test_beam_build_of_real_data_gives_the_local_examples(tmp_path, stored_examples):
+    """The build command on Beam (DirectRunner, two worker processes, one element per image)
+    stores exactly the local build's examples and metadata."""
+    rng = np.random.default_rng(11)
+    names = ("semantic#primary", "polygon#annotator1")
+    images = {(f"P00{i}", f"t{i}", i == 4): random_image(rng, 6, 8, names) for i in range(1, 6)}
+    images["P002", "t2", False]["meta"] = {"phase_type": "ischemia", "experiment": "kidney",
+                                           "reperfused": True, "phase_time": 60}
+    images["P003", "t3", False]["cube"][2, 2] = -0.5  # a warning, recorded in the metadata
+    for image in images.values():
+        image["params"] = {p: rng.uniform(0, 1, (6, 8)).astype(np.float32)
+                           for p in ("StO2", "NIR")}
+    write_dataset(tmp_path / "d", images)
+    local = build(tmp_path / "d", tmp_path / "local", annotations=names)
+    run("-m", "data_builders", "build", "data_builders/pig", "--config=tivita",
+        f"--manual_dir={tmp_path / 'd'}", f"--data_dir={tmp_path / 'beam'}",
+        "--file_format=array_record", f"--annotations={','.join(names)}",
+        "--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2,"
+        "direct_running_mode=multi_processing")
+    beam = tfds.builder("pig/tivita", data_dir=str(tmp_path / "beam"))
+    expected = stored_examples(local)
+    assert {k: len(v) for k, v in expected.items()} == {"malperfusion": 1, "physiological": 4}
+    assert stored_examples(beam) == expected
+    assert set(local.info.metadata["warnings"]) == {"P003#t3"}
+    assert beam.info.metadata == local.info.metadata
+    assert not list((tmp_path / "beam").glob(f"**/{CHECKS_FILE}"))
+
+
+def test_beam_build_reports_every_bad_image_before_writing(tmp_path, stored_examples,
+                                                           monkeypatch):
+    """On Beam every image is checked before any example goes to the writer: the same one
+    report, no dataset left; with skip_invalid the local build's examples and skipped images."""
+    bad_dataset(tmp_path / "d", np.random.default_rng(4))
+    events = tmp_path / "events.txt"  # what the (in-process) workers did, in order
+    check, examples = tivita_data._check, tivita_data._checked_examples
+
+    def logged_check(item, **kwargs):
+        with events.open("a") as f:
+            f.write(f"check {item[0].image_name}\n")
+        return check(item, **kwargs)
+
+    def logged_examples(item, **kwargs):
+        for key, example in examples(item, **kwargs):
+            with events.open("a") as f:
+                f.write(f"example {key}\n")
+            yield key, example
+
+    monkeypatch.setattr(tivita_data, "_check", logged_check)
+    monkeypatch.setattr(tivita_data, "_checked_examples", logged_examples)
+    with pytest.raises(InvalidDataError) as local_error:
+        build(tmp_path / "d", tmp_path / "local")
+    with pytest.raises(InvalidDataError) as beam_error:
+        build(tmp_path / "d", tmp_path / "beam", beam=True)
+    assert "8 of 9 images" in str(local_error.value)
+    assert str(local_error.value) in str(beam_error.value)
+    # The five images that passed planning were checked (four bad cubes), none written.
+    checked = [f"check P00{i}#t{i}" for i in (1, 2, 3, 4, 8)]
+    assert sorted(events.read_text().splitlines()) == checked
+    assert not list((tmp_path / "beam").glob("pig/tivita/[!.]*"))  # only the build lock
+    events.unlink()
+    local = build(tmp_path / "d", tmp_path / "local", skip_invalid=True)
+    beam = build(tmp_path / "d", tmp_path / "beam", beam=True, skip_invalid=True)
+    lines = events.read_text().splitlines()
+    assert sorted(lines[:5]) == checked and lines[5:] == ["example P008#t8"]
+    assert stored_examples(beam) == stored_examples(local)
+    assert len(beam.info.metadata["skipped_images"]) == 8
+    assert beam.info.metadata == local.info.metadata
+
+
+def test_beam_builds_without_beam_name_the_extra(monkeypatch):
+    from data_builders.__main__ import require_beam_if_asked
+
+    monkeypatch.setitem(sys.modules, "apache_beam", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"the `beam` extra: pip install 'xeno_jax\[beam\]'"):
+        data_builders.beam_options("runner=DirectRunner")
+    with pytest.raises(SystemExit, match=r"--beam_pipeline_options: .*xeno_jax\[beam\]"):
+        require_beam_if_asked(["build", "data_builders/pig",
+                               "--beam_pipeline_options=runner=DirectRunner"])
+    require_beam_if_asked(["build", "data_builders/pig"])  # a local build needs no Beam
 
 
 def test_a_build_killed_at_a_random_point_leaves_nothing_used_and_rebuilds(tmp_path):
