@@ -20,6 +20,7 @@ import tensorflow_datasets as tfds
 
 import data_builders
 from data_builders import tivita_data
+from data_builders.species_builder import SpeciesBuilder
 from data_builders.tivita_data import CHECKS_FILE, InvalidDataError, RealDataOptions
 
 IDS = {"background": 0, "stomach": 1, "kidney": 3, "meso": 5, "liver": 7, "gallbladder": 9,
@@ -281,7 +282,8 @@ def test_bad_images_are_reported_together_and_never_stored(tmp_path):
                      "label ids [42] (1 pixels) are not in the label_mapping",
                      "P007#t7.blosc", "'P\\udcff9'", "is not valid UTF-8"):
         assert expected in message, expected
-    assert not (tmp_path / "tfds" / "pig" / "tivita" / "1.0.0").exists()
+    version = str(SpeciesBuilder.VERSION)
+    assert not (tmp_path / "tfds" / "pig" / "tivita" / version).exists()
     assert not list((tmp_path / "tfds").glob("**/incomplete.*"))
     # With skip_invalid: only the good image, the others recorded with their problems.
     builder = build(tmp_path / "d", tmp_path / "tfds", skip_invalid=True)
@@ -348,7 +350,6 @@ def test_dsc_against_sto2_uses_the_vendors_sto2_when_the_data_has_it(tmp_path):
 
 def test_build_command_options_become_the_builders_real_data_options(monkeypatch):
     from data_builders.__main__ import take_real_data_options
-    from data_builders.species_builder import SpeciesBuilder
 
     monkeypatch.setattr(SpeciesBuilder, "DEFAULT_REAL_DATA", RealDataOptions())
     argv = take_real_data_options(
@@ -464,8 +465,8 @@ def test_a_build_killed_at_a_random_point_leaves_nothing_used_and_rebuilds(tmp_p
     time.sleep(rng.uniform(0, 0.3))
     process.kill()
     process.wait()
-    builder = tfds.builder("pig/tivita", data_dir=str(data_dir)) if (
-        data_dir / "pig" / "tivita" / "1.0.0" / "dataset_info.json").exists() else None
+    finished = data_dir / "pig" / "tivita" / str(SpeciesBuilder.VERSION) / "dataset_info.json"
+    builder = tfds.builder("pig/tivita", data_dir=str(data_dir)) if finished.exists() else None
     if builder is not None:  # finished before the kill: then it is complete
         assert len(rows(builder)) == len(images)
     rebuilt = build(tmp_path / "d", data_dir)
