@@ -6,7 +6,8 @@ For each model, in one run with the repetitions of the three modes interleaved:
   the mesh as `xeno_jax.train.train` launches it) on one batch already on the devices, no
   augmentation;
 - ``step+augment``: the same batch through the xeno-learning augmentation pipeline (the A4
-  preset with the projection step for kidney; a bank of 60 maps) inside the step;
+  steps of the pig2human malperfusion run config, kidney projections; a bank of 60 maps)
+  inside the step;
 - ``step+augment+pipeline``: as `train` runs: every batch from `xeno_jax.data.train_iterator`
   (label-balanced sampler, grain reader threads, L1 normalisation, device placement) over a
   simulated pig dataset, with the augmentation, one scalar read per step (the NaN guard);
@@ -39,11 +40,12 @@ import numpy as np
 
 from experiments.benchmarks.augment import near_identity_bank
 from experiments.benchmarks.input_pipeline import DATASET, SPLIT, build_dataset, load_average
-from xeno_jax.augment import build_pipeline, preset
+from xeno_jax.augment import build_pipeline, steps_from_config
 from xeno_jax.data import Catalog, train_iterator
-from xeno_jax.labels import MALPERFUSED_LABELS, SPECIES_12
+from xeno_jax.labels import SPECIES_12
 from xeno_jax.models import build_model
 from xeno_jax.study import runs
+from xeno_jax.study.configurations import run_config
 from xeno_jax.train import default_config
 from xeno_jax.train.loop import training_setup
 from xeno_jax.train.parallel import (
@@ -89,7 +91,8 @@ def benchmark(name: str, args) -> dict[str, list[float]]:
     setup = training_setup(config, model, mesh)
     state = setup.init_state()
     step = functools.partial(train_step, model=model, optimizer=setup.optimizer)
-    augment = build_pipeline(preset("xeno", target_labels=MALPERFUSED_LABELS))
+    augment = build_pipeline(steps_from_config(
+        run_config("projected-malperfusion_pig2human").augment))
     plain = data_parallel(step, mesh, donate=True)
     augmented = data_parallel(functools.partial(step, augment=augment), mesh, donate=True)
     augment_alone = jax.jit(augment)

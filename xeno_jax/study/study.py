@@ -6,10 +6,14 @@ an interrupted study resumes where it stopped and a repeated one reuses everythi
 1. datasets of every species involved (built when missing);
 2. projection banks of the projected configurations (method.md A2);
 3. the training runs: configurations x outer folds x inner folds (nested cross-validation,
-   method.md A8), each in ``<workdir>/runs/<configuration>/outer_<i>/fold_<k>``;
+   method.md A8), each in ``<workdir>/runs/<configuration>/outer_<i>/fold_<k>``, trained here,
+   by local worker processes or by cluster jobs (`xeno_jax.study.launch`);
 4. evaluation (method.md C3): each test set scored with its fold ensemble into
    ``<workdir>/scores/<configuration>/<test set>.npz``;
 5. the report ``<workdir>/report.md`` with its tables and figures.
+
+Any number of study processes may run on one work directory (`xeno_jax.study.workdir`): each
+dataset, bank and run is made by one of them, and one at a time scores and reports.
 
 Test sets of a configuration with target species T:
 
@@ -20,43 +24,22 @@ Test sets of a configuration with target species T:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
-from xeno_jax.evaluate import ScoreTable, class_level
-from xeno_jax.study import runs
-from xeno_jax.study.configurations import SPECIES, Configuration, parse_configuration, run_config
+from data_builders import SPECIES
+from xeno_jax.evaluate import ScoreTable
+from xeno_jax.study import launch, runs
+from xeno_jax.study.configurations import Configuration, parse_configuration
+from xeno_jax.study.report import Evaluation, write_report
+from xeno_jax.study.workdir import exclusive
 
 TEST_SETS = ("physiological", "cross_species", "malperfusion", "icg")
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """One configuration scored on one test set."""
-
-    configuration: str
-    test_set: str
-    table: ScoreTable
-
-
-def run_configs(config: ml_collections.ConfigDict, configuration: str
-                ) -> list[tuple[int, int, ml_collections.ConfigDict]]:
-    """(outer, fold, run config) of every training run of a configuration in the study."""
-    base = run_config(configuration, quick=config.quick, dataset=config.dataset)
-    with base.unlocked():
-        base.data.data_dir = str(config.data_dir)
-        for section, overrides in config.overrides.items():
-            for key, value in overrides.items():
-                if value is not None:  # unset placeholders keep the configuration's value
-                    base[section][key] = value
-    return [(outer, fold, runs.train_config_of(base, outer, fold))
-            for outer in config.outer_folds for fold in config.folds]
+REPORT_LOCK = "report.lock"
 
 
 def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) -> list[str]:
@@ -71,23 +54,11 @@ def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) ->
     return sorted(needed)
 
 
-def train_all(config: ml_collections.ConfigDict, workdir: Path) -> None:
-    """Trains every run of the study that has not finished."""
-    for configuration in config.configurations:
-        for outer, fold, run in run_configs(config, configuration):
-            directory = runs.runs_root(workdir, configuration, outer, fold)
-            if runs.is_done(directory):
-                logging.info("%s outer %d fold %d: done", configuration, outer, fold)
-                continue
-            logging.info("training %s, outer fold %d, fold %d", configuration, outer, fold)
-            runs.train_run(run, directory)
-
-
 def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str,
                            workdir: Path) -> list[Evaluation]:
     """Scores a configuration on its test sets (cached in ``<workdir>/scores``)."""
     parsed = parse_configuration(configuration)
-    trained = run_configs(config, configuration)
+    trained = launch.run_configs(config, configuration)
     folder = workdir / "scores" / configuration
     results = []
     models = None
@@ -157,42 +128,46 @@ def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str
     raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
 
 
-def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
-    """Runs (or resumes) the study and writes its report; returns the report's path."""
-    from xeno_jax.study.report import write_report  # matplotlib only when reporting
+def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+              launcher: str = "local", run: str | None = None) -> Path | None:
+    """Runs (or resumes) the study and writes its report.
 
+    Args:
+      config: the study config (``experiments/configs/study.py``).
+      workdir: the study's work directory; any number of study processes may share it.
+      launcher: where the runs train (`xeno_jax.study.launch`).
+      run: train only this run (``<configuration>/outer_<i>/fold_<k>``), then evaluate and
+        report if it was the last one missing.
+
+    Returns:
+      The report's path, or None when `run` left other runs to train.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     unknown = set(config.test_sets) - set(TEST_SETS)
     if unknown:
         raise ValueError(f"config.test_sets: unknown {sorted(unknown)}; known: {TEST_SETS}")
-    logging.info("stage 1/5: datasets")
-    for species in species_involved(config.configurations, config.test_sets):
-        runs.ensure_dataset(species, config.dataset, config.data_dir)
-    logging.info("stage 2/5: projection banks")
-    for name in config.configurations:
-        parsed = parse_configuration(name)
-        if parsed.is_projected:
-            runs.ensure_bank(parsed.pathology, parsed.source, config.dataset, config.data_dir)
-    logging.info("stage 3/5: training")
-    train_all(config, workdir)
-    logging.info("stage 4/5: evaluation")
-    evaluations = [e for name in config.configurations
-                   for e in evaluate_configuration(config, name, workdir)]
-    logging.info("stage 5/5: report")
-    return write_report(config, workdir, evaluations)
-
-
-def evaluation_table(evaluations: Sequence[Evaluation], configuration: str, test_set: str
-                     ) -> ScoreTable | None:
-    for e in evaluations:
-        if e.configuration == configuration and e.test_set == test_set:
-            return e.table
-    return None
-
-
-def label_mean(table: ScoreTable, label: int, metric: str = "dice") -> float:
-    """Class-level mean of one label (image -> subject -> mean over subjects)."""
-    scores = class_level(table, metric)
-    rows = np.flatnonzero(scores.labels == label)
-    return float(scores.mean[rows[0]]) if rows.size else float("nan")
+    if run is not None:  # one run of a scheduler's array: it finds or makes what it needs
+        launch.train_runs(config, workdir, [launch.RunKey.parse(run)])
+        left = launch.pending_runs(config, workdir)
+        if left:
+            logging.info("%s done; %d runs left before evaluation", run, len(left))
+            return None
+    else:
+        logging.info("stage 1/5: datasets")
+        for species in species_involved(config.configurations, config.test_sets):
+            runs.ensure_dataset(species, config.dataset, config.data_dir)
+        logging.info("stage 2/5: projection banks")
+        for name in config.configurations:
+            parsed = parse_configuration(name)
+            if parsed.is_projected:
+                runs.ensure_bank(parsed.pathology, parsed.source, config.dataset,
+                                 config.data_dir)
+        logging.info("stage 3/5: training")
+        launch.launch(config, workdir, launcher)
+    with exclusive(workdir / REPORT_LOCK):  # one process scores; the others then reuse
+        logging.info("stage 4/5: evaluation")
+        evaluations = [e for name in config.configurations
+                       for e in evaluate_configuration(config, name, workdir)]
+        logging.info("stage 5/5: report")
+        return write_report(config, workdir, evaluations)
