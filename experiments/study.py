@@ -11,6 +11,9 @@
   # one command per missing run, for any other scheduler (LSF, PBS, Kubernetes, ...)
   python -m experiments.study --config=experiments/configs/study.py --workdir=/shared/study \
       --print_runs
+  # every point of the config file's sweep(), each a study in <workdir>/<point>
+  python -m experiments.study --config=experiments/configs/study.py:demo --workdir=sweep \
+      --sweep
 
 Several study processes (or workers, or jobs) may share one work directory: each run is
 trained once, by the worker that claims it; a run whose worker died is resumed by the next.
@@ -20,12 +23,13 @@ missing. See experiments/configs/study.py for the configurations, folds and data
 
 import logging
 import sys
+from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from xeno_jax.study import launch
+from xeno_jax.study import launch, sweeps
 from xeno_jax.study.study import run_study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.", lock_config=True)
@@ -34,6 +38,9 @@ _LAUNCHER = flags.DEFINE_enum("launcher", "local", launch.LAUNCHERS,
                               "Where the training runs run (xeno_jax.study.launch).")
 _PRINT_RUNS = flags.DEFINE_bool("print_runs", False,
                                 "Print one shell command per missing run and exit.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every point of the config file's sweep(), "
+                           "each a study in <workdir>/<point>, sharing the data directory.")
+_POINT = flags.DEFINE_string("sweep_point", None, "Run only this point of the sweep.")
 _RUN = flags.DEFINE_string("run", None, "Train only this run (<configuration>/outer_<i>/"
                            "fold_<k>); the last one to finish evaluates and reports.")
 
@@ -41,12 +48,26 @@ _RUN = flags.DEFINE_string("run", None, "Train only this run (<configuration>/ou
 def main(argv):
     del argv
     config = common.resolve_study(_CONFIG.value, _WORKDIR.value)
+    studies = [("", config)]  # (work directory below --workdir, study config)
+    if _SWEEP.value or _POINT.value:
+        points = sweeps.points(config_flags.get_config_filename(flags.FLAGS["config"]))
+        studies = [(sweeps.point_name(p), sweeps.apply_point(config, p)) for p in points]
+        known = [name for name, _ in studies]
+        if _POINT.value:
+            studies = [(name, c) for name, c in studies if name == _POINT.value]
+            if not studies:
+                raise app.UsageError(f"--sweep_point={_POINT.value!r}: the sweep has {known}")
     if _PRINT_RUNS.value:
-        print("\n".join(launch.run_commands(sys.argv, config, _WORKDIR.value)))
+        for name, study in studies:
+            argv = [a for a in sys.argv if not a.startswith(("--sweep", "--nosweep"))]
+            argv += [f"--sweep_point={name}"] if name else []
+            print("\n".join(launch.run_commands(argv, study, Path(_WORKDIR.value, name))))
         return
     common.start()
-    report = run_study(config, _WORKDIR.value, launcher=_LAUNCHER.value, run=_RUN.value)
-    logging.info("report: %s", report if report else "not yet, runs are missing")
+    for name, study in studies:
+        report = run_study(study, Path(_WORKDIR.value, name), launcher=_LAUNCHER.value,
+                           run=_RUN.value)
+        logging.info("report: %s", report if report else "not yet, runs are missing")
 
 
 if __name__ == "__main__":

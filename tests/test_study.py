@@ -17,7 +17,7 @@ from experiments.configs import study as study_config
 from xeno_jax.data import evaluation_batches
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.labels import SPECIES_12
-from xeno_jax.study import launch, report, runs
+from xeno_jax.study import launch, report, runs, sweeps
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
 from xeno_jax.study.study import run_study
 from xeno_jax.study.workdir import is_claimed
@@ -221,14 +221,23 @@ def test_a_killed_workers_run_is_taken_over_and_resumed(study, tmp_path):
     log = tmp_path / "killed.log"
     worker = subprocess.Popen(commands[0], shell=True, start_new_session=True,
                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    def checkpoints():  # finished ones (orbax renames a step's folder when it is complete)
+        return [int(p.name) for p in directory.glob("checkpoints/*") if p.name.isdigit()]
+
     deadline = time.monotonic() + 900
-    while not list(directory.glob("checkpoints/[0-9]*")):
+    while not checkpoints():
         assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
+    while time.monotonic() < deadline:  # until the group's python process is gone too
+        try:
+            os.killpg(worker.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
     assert not runs.is_done(directory) and not is_claimed(directory)
-    checkpoint = max(int(p.name) for p in directory.glob("checkpoints/[0-9]*"))
+    checkpoint = max(checkpoints())
 
     later = study_config.get_config("demo,sim_tiny")
     with later.unlocked():
@@ -241,3 +250,16 @@ def test_a_killed_workers_run_is_taken_over_and_resumed(study, tmp_path):
     sessions = (directory / launch.CLAIMS_FILE).read_text().splitlines()
     assert [s.split(": ")[-1] for s in sessions] == ["start", f"resume from step {checkpoint}"]
     assert json.loads((directory / runs.DONE_FILE).read_text())["step"] == 40
+
+
+def test_sweeps_are_declared_in_the_config_file_and_name_misspelt_keys():
+    config = study_config.get_config("demo")
+    points = sweeps.points(REPOSITORY / "experiments/configs/study.py:demo")
+    assert [sweeps.point_name(p) for p in points] == [
+        "projection.p=0.4", "projection.p=0.8", "projection.p=1.0"]
+    swept = sweeps.apply_point(config, points[0])
+    (_, _, run), = launch.run_configs(swept, "projected-malperfusion_pig2human")
+    assert run.augment.projection.p == 0.4
+    assert config.overrides.augment.projection.p is None  # the study config is not changed
+    with pytest.raises(KeyError, match=r"'overrides\.augment\.projektion\.p'"):
+        sweeps.apply_point(config, {"overrides.augment.projektion.p": 0.5})

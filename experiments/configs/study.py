@@ -61,3 +61,9 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     config.launcher.array_parallelism = 64  # most runs of the job array at once
     config.lock()
     return config
+
+
+def sweep() -> list[dict]:
+    """``--sweep``: the probability of the projection step around the paper's 0.8 (each point a
+    study of its own; see xeno_jax.study.sweeps)."""
+    return [{"overrides.augment.projection.p": p} for p in (0.4, 0.8, 1.0)]
