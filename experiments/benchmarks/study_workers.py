@@ -8,7 +8,7 @@ What it measures: ``python -m experiments.study --launcher=local
 configurations, outer fold 0, the given inner folds: 2 x len(folds) runs of ``--steps`` steps),
 each time in a fresh work directory that shares one data directory (datasets and the projection
 bank are built once beforehand, not timed). Worker counts are measured in turn, in the order
-given, then again in reverse (``--repeats`` rounds), and each count's best wall time is
+given, then in reverse in the next of ``--repeats`` rounds, and each count's best wall time is
 printed with the speed-up over one worker. Every run's training time (its claim to its
 ``done.json``) gives the mean time per run, from which it prints the full study's time
 (11 configurations x 3 outer x 5 inner folds = 165 runs) on N workers:
@@ -61,7 +61,8 @@ def main():
     parser.add_argument("--workers", default="1,2", help="worker counts to compare")
     parser.add_argument("--folds", default="0,1", help="inner folds (2 runs each)")
     parser.add_argument("--steps", type=int, default=20, help="training steps per run")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds (forward + reverse)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="rounds, alternately in the given and the reverse order")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     print(load_average())
@@ -77,7 +78,7 @@ def main():
             cwd=REPOSITORY, env=env, check=True, capture_output=True)
         walls = {n: [] for n in counts}
         per_run = []
-        order = [*counts, *reversed(counts)] * args.repeats
+        order = [n for r in range(args.repeats) for n in (counts[::-1] if r % 2 else counts)]
         for i, n in enumerate(order):
             workdir = folder / f"study_{i}_{n}"
             started = time.perf_counter()
