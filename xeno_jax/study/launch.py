@@ -167,7 +167,12 @@ def launch(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 job.result()
             except Exception as error:
                 logging.error("job %s failed: %s", job.job_id, error)
-        train_runs(config, workdir, pending)  # waits for runs still held elsewhere
+        if launcher == "local":  # a dead worker's runs are finished here, on the same machine
+            train_runs(config, workdir, pending)
+        else:  # runs still held by jobs of an earlier submission; failed ones are resubmitted
+            for key in pending:  # when the study is started again, not trained here
+                with claim(key.directory(workdir), wait=True):
+                    pass
     missing = pending_runs(config, workdir)
     if missing:
         raise RuntimeError(f"runs not finished: {[str(k) for k in missing]}; logs in "
