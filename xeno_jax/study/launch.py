@@ -137,6 +137,7 @@ def _train_claimed(config: ml_collections.ConfigDict, key: RunKey, directory: Pa
 def worker(config: ml_collections.ConfigDict, workdir: str, keys: Sequence[RunKey]
            ) -> list[RunKey]:
     """A worker process's job (submitit pickles it): logs at INFO, then `train_runs`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger().setLevel(logging.INFO)
     logging.info("worker %s pid %d: %d runs", socket.gethostname(), os.getpid(), len(keys))
     return train_runs(config, workdir, keys)
