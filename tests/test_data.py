@@ -401,7 +401,7 @@ def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
         assert runs.outer_spec(catalog, "pig", outer, data_dir, "sim_micro", str(tmp_path)) == spec
     # The study passes the spec folder to every run; one file cannot serve three outer folds.
     from experiments.configs.study import get_config
-    from xeno_jax.study.study import run_configs
+    from xeno_jax.study.launch import run_configs
 
     study = get_config("full")
     with study.unlocked():

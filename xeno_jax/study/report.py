@@ -10,6 +10,7 @@ labels; then the transfer similarity of the transferred organs between the speci
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +26,20 @@ from xeno_jax.analysis.report import markdown_table
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.evaluate.perfusion import parameter_curves
 from xeno_jax.io import atomic_write
-from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS, SPECIES_12
+from xeno_jax.labels import ICG_LABELS, PATHOLOGY_LABELS, SPECIES_12
 from xeno_jax.study import runs
 from xeno_jax.study.configurations import parse_configuration
-from xeno_jax.study.study import Evaluation
 
 KIDNEY = SPECIES_12.name_to_index("kidney")
-PATHOLOGY_LABELS = {"malperfusion": MALPERFUSED_LABELS, "icg": ICG_LABELS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One configuration scored on one test set."""
+
+    configuration: str
+    test_set: str
+    table: ScoreTable
 
 
 def _fmt(mean: float, low: float, high: float) -> str:
@@ -102,7 +110,7 @@ def difference_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
         if not parsed.is_projected or baseline is None:
             continue
         targets = [SPECIES_12.name_to_index(n) for n in PATHOLOGY_LABELS.get(
-            parsed.pathology.lower(), ())]
+            parsed.pathology, ())]
         xeno_all, base_all = (bootstrap_class_level(t, "dice") for t in (table, baseline))
         row = {"configuration": name, "test set": test_set,
                "delta class-mean DSC": f"{xeno_all.class_mean - base_all.class_mean:+.3f}"}

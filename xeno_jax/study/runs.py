@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 import data_builders
-from xeno_jax.augment.pipeline import build_pipeline, preset
+from xeno_jax.augment.pipeline import build_pipeline, steps_from_config
 from xeno_jax.data import (
     Catalog,
     DataSpec,
@@ -50,6 +50,7 @@ from xeno_jax.models import build_model, convert, load_pretrained
 from xeno_jax.projections import ProjectionBank
 from xeno_jax.projections.dataset import learn_bank
 from xeno_jax.spectra import sto2, tivita_wavelengths
+from xeno_jax.study.workdir import build_once
 from xeno_jax.train import fingerprint, train
 from xeno_jax.train.loop import restore_final_variables
 from xeno_jax.train.parallel import make_mesh
@@ -70,8 +71,14 @@ def dataset_name(species: str, dataset: str) -> str:
     return f"{species}/{dataset}"
 
 
+def lock_path(data_dir: str | os.PathLike, *parts: str) -> Path:
+    """``<data_dir>/.locks/<parts joined by _>.lock``: where processes sharing a data
+    directory wait for one another (`xeno_jax.study.workdir.build_once`)."""
+    return Path(data_dir) / ".locks" / ("_".join(parts) + ".lock")
+
+
 def ensure_dataset(species: str, dataset: str, data_dir: str | os.PathLike) -> None:
-    """Builds a species dataset if it is not there yet (simulated configs only)."""
+    """Builds a species dataset if it is not there yet (simulated configs only), once."""
     builder = data_builders.builder(species, dataset, data_dir=str(data_dir))
     if builder.is_prepared():
         return
@@ -80,8 +87,9 @@ def ensure_dataset(species: str, dataset: str, data_dir: str | os.PathLike) -> N
             f"dataset {dataset_name(species, dataset)} is not built in {data_dir}: build it "
             f"with `python -m experiments.build_data --species={species} --dataset={dataset} "
             f"--manual_dir=<your data> --data_dir={data_dir}`")
-    logging.info("building %s in %s", dataset_name(species, dataset), data_dir)
-    builder.download_and_prepare()
+    build_once(lock_path(data_dir, "dataset", species, dataset), builder.is_prepared,
+               builder.download_and_prepare,
+               what=f"dataset {dataset_name(species, dataset)} in {data_dir}")
 
 
 def catalog_for(species: Sequence[str], dataset: str, data_dir: str | os.PathLike,
@@ -126,13 +134,17 @@ def nested_specs(catalog: Catalog, species: str, data_dir: str | os.PathLike, da
     """The species' 3 outer data specs, read from ``<data_dir>/specs`` or made and written."""
     folder = Path(data_dir) / "specs" / dataset
     paths = [folder / spec_name(species, i) for i in range(3)]
-    if all(p.exists() for p in paths):
-        return [DataSpec.load(p) for p in paths]
-    specs = nested_cross_validation(semantic_images(catalog, species), seed=0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for spec, path in zip(specs, paths, strict=True):
-        spec.save(path)
-    return specs
+
+    def write():
+        specs = nested_cross_validation(semantic_images(catalog, species), seed=0)
+        folder.mkdir(parents=True, exist_ok=True)
+        for spec, path in zip(specs, paths, strict=True):
+            spec.save(path)
+
+    build_once(lock_path(data_dir, "specs", species, dataset),
+               lambda: all(p.exists() for p in paths), write,
+               what=f"data specs of {dataset_name(species, dataset)}")
+    return [DataSpec.load(p) for p in paths]
 
 
 # -- projection banks ----------------------------------------------------------------------
@@ -172,13 +184,30 @@ def bank_path(data_dir: str | os.PathLike, dataset: str, pathology: str, species
 
 def ensure_bank(pathology: str, species: str, dataset: str, data_dir: str | os.PathLike
                 ) -> Path:
-    """Learns the (pathology, species) bank unless it exists; returns its path."""
+    """Learns the (pathology, species) bank unless it exists (once); returns its path."""
     path = bank_path(data_dir, dataset, pathology, species)
-    if path.exists():
-        return path
-    if (pathology, species) not in BANK_RECIPES:
+    if (pathology, species) not in BANK_RECIPES and not path.exists():
         raise ValueError(f"no recipe for {pathology} projections of {species}; known: "
                          f"{sorted(BANK_RECIPES)}")
+
+    def learn():
+        bank = learn_recipe_bank(pathology, species, dataset, data_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bank.save(path)
+
+    build_once(lock_path(data_dir, "bank", pathology, species, dataset), path.exists, learn,
+               what=f"{pathology} projections of {species} ({path})")
+    return path
+
+
+def learn_recipe_bank(pathology: str, species: str, dataset: str, data_dir: str | os.PathLike,
+                      *, labels: Sequence[str] | None = None, **learn_kwargs) -> ProjectionBank:
+    """Learns a bank from the images `BANK_RECIPES` names.
+
+    Args:
+      labels: the labels to learn maps for; None: the recipe's.
+      **learn_kwargs: `learn_bank`'s fitting options (mode, steps, learning_rate, chunk_size).
+    """
     recipe = BANK_RECIPES[pathology, species]
     splits = sorted({recipe.physiological["perfusion_state"],
                      recipe.pathological["perfusion_state"]})
@@ -190,16 +219,13 @@ def ensure_bank(pathology: str, species: str, dataset: str, data_dir: str | os.P
     sick = catalog.filter(species=species, **recipe.pathological)
     logging.info("learning %s projections of %s from %d + %d images", pathology, species,
                  len(healthy), len(sick))
-    bank = learn_bank(catalog, healthy, sick, recipe.labels, source_species=species,
-                      state=pathology)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bank.save(path)
-    return path
+    return learn_bank(catalog, healthy, sick, recipe.labels if labels is None else labels,
+                      source_species=species, state=pathology, **learn_kwargs)
 
 
 def load_bank(config: ml_collections.ConfigDict) -> ProjectionBank | None:
     """The run's projection bank: ``config.augment.bank`` or the learnt default, or None."""
-    if config.augment.preset != "xeno":
+    if "projection" not in config.augment.steps:
         return None
     path = config.augment.bank
     if not path:
@@ -208,7 +234,7 @@ def load_bank(config: ml_collections.ConfigDict) -> ProjectionBank | None:
     path = Path(os.path.expanduser(str(path)))
     bank = (ProjectionBank.from_htc(path, SPECIES_12) if path.suffix == ".blosc" else
             ProjectionBank.load(path))
-    check_bank_reaches_targets(bank, config.augment.target_labels, path)
+    check_bank_reaches_targets(bank, config.augment.projection.target_labels, path)
     return bank
 
 
@@ -221,19 +247,21 @@ def check_bank_reaches_targets(bank: ProjectionBank, target_labels: Sequence[str
         matrices (the run would silently train a baseline network); targets without matrices
         next to ones with are logged as a warning.
     """
+    if not target_labels:  # () projects every label of the bank
+        return
     targets = {SPECIES_12.name_to_index(name): name for name in target_labels}
     unknown = [name for index, name in targets.items() if not SPECIES_12.is_valid(index)]
     if unknown:
-        raise ValueError(f"config.augment.target_labels: {unknown} are not labels of the "
-                         f"12-class mapping; known: {sorted(SPECIES_12.mapping)}")
+        raise ValueError(f"config.augment.projection.target_labels: {unknown} are not labels "
+                         f"of the 12-class mapping; known: {sorted(SPECIES_12.mapping)}")
     has = dict(zip(bank.label_indices, bank.label_names, strict=True))
     reached = sorted(set(targets) & set(has))
     if not reached:
         raise ValueError(
-            f"{path}: the bank has matrices for the labels {has} but config.augment."
+            f"{path}: the bank has matrices for the labels {has} but config.augment.projection."
             f"target_labels={tuple(target_labels)} (indices {sorted(targets)}): its projections "
             "would change no pixel and the network would be a baseline. Use a bank learnt for "
-            "the target labels or change config.augment.target_labels")
+            "the target labels or change config.augment.projection.target_labels")
     missing = [name for index, name in targets.items() if index not in has]
     if missing:
         logging.warning("%s: no matrices for the target labels %s; only %s are projected", path,
@@ -293,10 +321,7 @@ def _train_run(config: ml_collections.ConfigDict, workdir: Path, reuse_stale: bo
     catalog = catalog_for([config.data.species, *config.data.extra_species],
                           config.data.dataset, data_dir)
     train_records, val_records = training_images(config, catalog)
-    steps = (preset("xeno", target_labels=tuple(config.augment.target_labels))
-             if config.augment.preset == "xeno" else
-             preset(config.augment.preset) if config.augment.preset != "none" else ())
-    augment = build_pipeline(steps)
+    augment = build_pipeline(steps_from_config(config.augment))
     mesh = make_mesh(config.parallel.num_devices)
     iterator = train_iterator(catalog, train_records, batch_size=config.train.batch_size,
                               mesh=mesh, seed=config.train.seed,
@@ -309,7 +334,7 @@ def _train_run(config: ml_collections.ConfigDict, workdir: Path, reuse_stale: bo
                              metrics=("dice",))
         return {"dice": float(np.nanmean(_class_means(table)))} if len(table) else {}
 
-    state = train(config, str(workdir), train_iter=iterator, augment=augment,
+    state = train(config, str(workdir), train_iter=iterator, mesh=mesh, augment=augment,
                   augment_data=bank, val_fn=validate if val_records else None,
                   reuse_stale=reuse_stale)
     if jax.process_index() == 0:
