@@ -41,7 +41,7 @@ from xeno_jax.io.htc import write_blosc
 from xeno_jax.io.lock import WorkdirBusyError, workdir_lock
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.projections import ProjectionBank
-from xeno_jax.study import runs
+from xeno_jax.study import banks, runs
 from xeno_jax.study.configurations import run_config
 from xeno_jax.train import MetricsWriter, checkpoint_manager, train
 from xeno_jax.train import fingerprint as fp
@@ -121,8 +121,8 @@ def test_a_bank_without_the_target_labels_is_refused_before_training(tmp_path, l
 
 def test_a_bank_that_reaches_a_target_label_is_accepted(tmp_path):
     config = projected_config(tmp_path, [SPECIES_12.name_to_index("liver"), worker.KIDNEY])
-    assert set(runs.load_bank(config).label_indices) == {worker.KIDNEY,
-                                                         SPECIES_12.name_to_index("liver")}
+    assert set(banks.ensure_run_bank(config).label_indices) == {
+        worker.KIDNEY, SPECIES_12.name_to_index("liver")}
 
 
 @pytest.mark.parametrize("label_mode, p", [("label_match", 0.5), ("random", 0.5),

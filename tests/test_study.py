@@ -18,7 +18,7 @@ from experiments.configs import study as study_config
 from xeno_jax.data import evaluation_batches
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.labels import SPECIES_12
-from xeno_jax.study import launch, report, runs, sweeps
+from xeno_jax.study import banks, datasets, evaluation, launch, report, runs, sweeps
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
 from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
 from xeno_jax.study.workdir import is_claimed
@@ -167,7 +167,7 @@ def test_finished_runs_and_banks_are_where_the_study_says(study):
     for key in launch.study_runs(config):
         assert runs.is_done(key.directory(workdir))
         assert not is_claimed(key.directory(workdir))
-    bank = runs.bank_path(config.data_dir, config.dataset, "malperfusion", "pig")
+    bank = banks.bank_path(config.data_dir, config.dataset, "malperfusion", "pig")
     assert bank.exists()
 
 
@@ -178,7 +178,7 @@ def test_every_paper_configuration_has_a_valid_config(name):
     assert config.data.species == parsed.target
     assert ("projection" in config.augment.steps) == parsed.is_projected
     if parsed.is_projected:
-        assert (parsed.pathology, parsed.source) in runs.BANK_RECIPES
+        assert (parsed.pathology, parsed.source) in banks.BANK_RECIPES
     with pytest.raises(AttributeError):
         config.train.bach_size = 4  # locked: misspelt keys are errors
 
@@ -218,10 +218,11 @@ def test_a_tiny_model_learns_and_beats_the_majority_class(study):
     losses = [row["loss"] for row in rows if "loss" in row]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
 
-    catalog = runs.catalog_for(["human"], config.dataset, config.data_dir)
+    catalog = datasets.ensure_catalog(["human"], config.dataset, config.data_dir)
     train_records, _ = runs.training_images(run, catalog)
     test_records = catalog.select(
-        runs.nested_specs(catalog, "human", config.data_dir, config.dataset)[0].folds[0].test)
+        datasets.ensure_nested_specs(catalog, "human", config.data_dir, config.dataset)[0]
+        .folds[0].test)
     assert not {r.subject for r in train_records} & {r.subject for r in test_records}
     classes = SPECIES_12.num_classes
     train_counts = np.zeros(classes, np.int64)
@@ -229,7 +230,7 @@ def test_a_tiny_model_learns_and_beats_the_majority_class(study):
         labels, valid = batch["labels"][:len(records)], batch["valid"][:len(records)]
         train_counts += np.bincount(labels[valid], minlength=classes)[:classes]
     majority = int(np.argmax(train_counts))
-    predict = runs.predictor([(run, runs.restore_variables(run, directory))])
+    predict = evaluation.predictor([(run, runs.restore_variables(run, directory))])
     correct = majority_correct = total = 0
     for records, batch in evaluation_batches(catalog, test_records, 8):
         n = len(records)
@@ -244,21 +245,28 @@ def test_a_tiny_model_learns_and_beats_the_majority_class(study):
 
 @SHARES_STUDY
 def test_two_study_processes_on_one_workdir_train_each_run_once(study, tmp_path):
-    """Two study processes started at once: datasets, specs and the bank are made once, every
-    run is trained once, and the report is the single-process study's."""
+    """Two study processes at once on one work directory, one training itself, one with two
+    local workers (submitit's local executor): datasets, specs and the bank are made once,
+    every run is trained once, and the report is the single-process study's."""
     config, _, single_report = study
     workdir = tmp_path / "shared"
     logs = [tmp_path / f"study_{i}.log" for i in range(2)]
-    processes = [_study_process([*STUDY_FLAGS, f"--workdir={workdir}"], log) for log in logs]
-    for process, log in zip(processes, logs, strict=True):
+    with_workers = _study_process([*STUDY_FLAGS, f"--workdir={workdir}", "--launcher=local",
+                                   "--config.launcher.workers=2"], logs[0])
+    alone = _study_process([*STUDY_FLAGS, f"--workdir={workdir}"], logs[1])
+    for process, log in zip((with_workers, alone), logs, strict=True):
         assert process.wait(timeout=1200) == 0, log.read_text()[-3000:]
-    text = "".join(log.read_text() for log in logs)
+    jobs = list((workdir / "jobs").rglob("*_log.*"))  # the local workers' logs
+    text = "".join(path.read_text() for path in [*logs, *jobs])
     for made in (r"dataset human/sim_tiny in \S+", r"dataset pig/sim_tiny in \S+",
                  r"data specs of human/sim_tiny", r"malperfusion projections of pig \(\S+\)"):
         assert len(re.findall(made + ": building", text)) == 1, made
+    pids = set()
     for key in launch.study_runs(config):
         sessions = (key.directory(workdir) / launch.CLAIMS_FILE).read_text().splitlines()
         assert len(sessions) == 1 and sessions[0].endswith(": start"), (key, sessions)
+        pids.add(int(re.search(r"pid (\d+):", sessions[0])[1]))
+    assert pids - {with_workers.pid, alone.pid}, "no run was trained by a local worker"
     assert (workdir / "report.md").read_text() == single_report.read_text()
 
 

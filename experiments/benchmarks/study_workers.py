@@ -72,9 +72,10 @@ def main():
         data_dir = folder / "tfds"
         print("building datasets and the bank (not timed) ...", flush=True)
         subprocess.run([sys.executable, "-c", (
-            "from xeno_jax.study import runs\n"
-            f"for s in ('human', 'pig'): runs.ensure_dataset(s, 'sim_tiny', {str(data_dir)!r})\n"
-            f"runs.ensure_bank('malperfusion', 'pig', 'sim_tiny', {str(data_dir)!r})")],
+            "from xeno_jax.study import banks, datasets\n"
+            "for s in ('human', 'pig'):\n"
+            f"    datasets.ensure_dataset(s, 'sim_tiny', {str(data_dir)!r})\n"
+            f"banks.ensure_bank('malperfusion', 'pig', 'sim_tiny', {str(data_dir)!r})")],
             cwd=REPOSITORY, env=env, check=True, capture_output=True)
         walls = {n: [] for n in counts}
         per_run = []

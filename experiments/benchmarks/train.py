@@ -55,7 +55,7 @@ from xeno_jax.augment import build_pipeline, steps_from_config
 from xeno_jax.data import Catalog, train_iterator
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.models import build_model
-from xeno_jax.study import runs
+from xeno_jax.study import datasets
 from xeno_jax.study.configurations import run_config
 from xeno_jax.train import default_config
 from xeno_jax.train.loop import training_setup
@@ -96,9 +96,9 @@ def per_device_augmented_step(state, batch, bank, *, step, augment):
 
 def dataset_records(name: str, data_dir: Path) -> tuple[Catalog, list]:
     if name in SMALL_DATASETS:
-        runs.ensure_dataset("pig", SMALL_DATASETS[name], data_dir)
-        catalog = runs.catalog_for(["pig"], SMALL_DATASETS[name], data_dir)
-        return catalog, runs.semantic_images(catalog, "pig")
+        datasets.ensure_dataset("pig", SMALL_DATASETS[name], data_dir)
+        catalog = datasets.ensure_catalog(["pig"], SMALL_DATASETS[name], data_dir)
+        return catalog, datasets.semantic_images(catalog, "pig")
     build_dataset(data_dir, images_per_set=5)
     catalog = Catalog([f"{DATASET}:{SPLIT}"], str(data_dir))
     return catalog, catalog.filter(experiment="semantic")

@@ -34,6 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import ml_collections
 
 from xeno_jax.study import runs
@@ -152,9 +153,10 @@ def _train_claimed(config: ml_collections.ConfigDict, key: RunKey, directory: Pa
         checkpoints.is_dir()) else []
     session = f"resume from step {max(steps)}" if steps else "start"
     logging.info("training %s: %s", key, session)
-    with open(directory / CLAIMS_FILE, "a", encoding="utf-8") as log:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} "
-                  f"pid {os.getpid()}: {session}\n")
+    if jax.process_index() == 0:  # one line per session, also of a multi-process run
+        with open(directory / CLAIMS_FILE, "a", encoding="utf-8") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {socket.gethostname()} "
+                      f"pid {os.getpid()}: {session}\n")
     runs.train_run(train_config(config, key), directory, reuse_stale=reuse_stale)
 
 

@@ -27,7 +27,7 @@ from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.evaluate.perfusion import parameter_curves
 from xeno_jax.io import atomic_write
 from xeno_jax.labels import ICG_LABELS, PATHOLOGY_LABELS, SPECIES_12
-from xeno_jax.study import runs
+from xeno_jax.study import datasets, runs
 from xeno_jax.study.configurations import parse_configuration
 
 KIDNEY = SPECIES_12.name_to_index("kidney")
@@ -208,7 +208,7 @@ def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[st
     Its table (``analysis.md``, ``transfer.csv``) and figures go to `folder` (inside the
     report's ``figures``); returns the report's markdown lines, which link to them.
     """
-    species, states = set(), {runs.PHYSIOLOGICAL_SPLIT}
+    species, states = set(), {datasets.PHYSIOLOGICAL_SPLIT}
     for name in config.configurations:
         parsed = parse_configuration(name)
         if parsed.is_projected:
@@ -217,7 +217,7 @@ def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[st
     if not species:
         return []
     species = sorted(species)
-    catalog = runs.catalog_for(species, config.dataset, config.data_dir, sorted(states))
+    catalog = datasets.ensure_catalog(species, config.dataset, config.data_dir, sorted(states))
     table = analysis.extract(catalog, catalog.records)
     text = analysis.write_analyses(table, species, folder, analyses=("transfer",))
     with atomic_write(folder / "analysis.md", text=True) as f:

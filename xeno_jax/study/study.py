@@ -42,7 +42,7 @@ import ml_collections
 from data_builders import SPECIES
 from xeno_jax.evaluate import ScoreTable
 from xeno_jax.io import atomic_write
-from xeno_jax.study import launch, runs
+from xeno_jax.study import banks, datasets, evaluation, launch, runs
 from xeno_jax.study.configurations import Configuration, parse_configuration
 from xeno_jax.study.report import Evaluation, write_report
 from xeno_jax.study.workdir import exclusive
@@ -130,38 +130,39 @@ def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str
       batch_size: images per evaluation batch.
       examples: folder for ``examples_<test set>.npz`` with a few predictions (None: none).
     """
-    everyone = runs.predictor([(run, v) for _, run, v in models])
+    everyone = evaluation.predictor([(run, v) for _, run, v in models])
 
     def save_examples(catalog, images, predict):
         if examples is not None:
-            runs.save_examples(examples / f"examples_{test_set}.npz", catalog, images, predict)
+            evaluation.save_examples(examples / f"examples_{test_set}.npz", catalog, images,
+                                     predict)
 
     if test_set == "physiological":
-        catalog = runs.catalog_for([parsed.target], dataset, data_dir)
+        catalog = datasets.ensure_catalog([parsed.target], dataset, data_dir)
         tables = []
         for outer in sorted({o for o, _, _ in models}):
-            ensemble = runs.predictor([(run, v) for o, run, v in models if o == outer])
+            ensemble = evaluation.predictor([(run, v) for o, run, v in models if o == outer])
             run = next(run for o, run, _ in models if o == outer)  # its data spec: run.data.spec
-            spec = runs.outer_spec(catalog, parsed.target, outer, data_dir, dataset,
-                                   run.data.get("spec", ""))
+            spec = datasets.ensure_outer_spec(catalog, parsed.target, outer, data_dir, dataset,
+                                              run.data.get("spec", ""))
             test = catalog.select(spec.folds[0].test)
-            tables.append(runs.score_images(catalog, test, ensemble, batch_size))
+            tables.append(evaluation.score_images(catalog, test, ensemble, batch_size))
             if outer == min(o for o, _, _ in models):
                 save_examples(catalog, test, ensemble)
         return ScoreTable.concatenate(tables)
     if test_set == "cross_species":
         others = [s for s in SPECIES if s not in (parsed.target, *parsed.extra_species)]
-        catalog = runs.catalog_for(others, dataset, data_dir)
-        images = [r for s in others for r in runs.semantic_images(catalog, s)]
-        return runs.score_images(catalog, images, everyone, batch_size)
+        catalog = datasets.ensure_catalog(others, dataset, data_dir)
+        images = [r for s in others for r in datasets.semantic_images(catalog, s)]
+        return evaluation.score_images(catalog, images, everyone, batch_size)
     if test_set in ("malperfusion", "icg"):
-        catalog = runs.catalog_for([parsed.target], dataset, data_dir, (test_set,))
+        catalog = datasets.ensure_catalog([parsed.target], dataset, data_dir, (test_set,))
         images = catalog.filter(perfusion_state=test_set)
         if not images:
             return None
         save_examples(catalog, images, everyone)
         # Pathology tables (C1): DSC only, as the reference's perfusion and ICG scripts.
-        return runs.score_images(catalog, images, everyone, batch_size, metrics=("dice",))
+        return evaluation.score_images(catalog, images, everyone, batch_size, metrics=("dice",))
     raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
 
 
@@ -199,13 +200,13 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     else:
         logging.info("stage 1/5: datasets")
         for species in species_involved(config.configurations, config.test_sets):
-            runs.ensure_dataset(species, config.dataset, config.data_dir)
+            datasets.ensure_dataset(species, config.dataset, config.data_dir)
         logging.info("stage 2/5: projection banks")
         for name in config.configurations:
             parsed = parse_configuration(name)
             if parsed.is_projected:
-                runs.ensure_bank(parsed.pathology, parsed.source, config.dataset,
-                                 config.data_dir)
+                banks.ensure_bank(parsed.pathology, parsed.source, config.dataset,
+                                  config.data_dir)
         logging.info("stage 3/5: training")
         launch.launch(config, workdir, launcher, reuse_stale=reuse_stale)
     with exclusive(workdir / REPORT_LOCK):  # one process scores; the others then reuse

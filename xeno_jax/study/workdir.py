@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import filelock
+import jax
+from jax.experimental import multihost_utils
 
 from xeno_jax.io.lock import exclusive
 
@@ -74,15 +76,36 @@ def build_once(lock: str | os.PathLike, exists: Callable[[], bool], build: Calla
                *, what: str) -> None:
     """Runs `build` unless `exists()`, in one process at a time.
 
+    In a job of several processes (multi-host JAX), process 0 goes first and the others wait
+    for it at a barrier, then find the target (a shared file system) or make their own copy
+    (a disk of their own); every process of the job must call this for the same targets in the
+    same order, as they do when they run the same program.
+
     Args:
       lock: the lock file (on the file system of what `build` makes; its folder is created).
       exists: whether the target is complete (checked before and again under the lock).
       build: makes the target; it must leave either nothing or a complete target.
       what: the target in words, for the log.
     """
+    first = jax.process_index() == 0
+    if not first:
+        _barrier(what)
+    try:
+        _build_locked(Path(lock), exists, build, what)
+    finally:
+        if first:
+            _barrier(what)
+
+
+def _barrier(what: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"build_once: {what}")
+
+
+def _build_locked(lock: Path, exists: Callable[[], bool], build: Callable[[], None],
+                  what: str) -> None:
     if exists():
         return
-    lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     with exclusive(lock):
