@@ -21,7 +21,7 @@ from absl import app, flags
 from experiments import common
 from xeno_jax import analysis
 from xeno_jax.io import atomic_write
-from xeno_jax.study import runs
+from xeno_jax.study import datasets
 
 _SPECIES = flags.DEFINE_list("species", ["human", "pig", "rat"], "Species to analyse.")
 _DATASET = flags.DEFINE_string("dataset", "sim_small", "Builder config (sim_small, tivita, ...).")
@@ -39,11 +39,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 
 def organ_spectra(workdir: Path, species, dataset: str, data_dir: str, parts: int):
     """The per-image organ spectra of the datasets, cached in the work directory."""
-    catalog = runs.catalog_for(species, dataset, data_dir, splits=None)
+    catalog = datasets.ensure_catalog(species, dataset, data_dir, splits=None)
     # Which build of each dataset: its folder and when its dataset_info.json was written.
     builds = {}
     for sp in species:
-        folder = Path(tfds.builder(runs.dataset_name(sp, dataset), data_dir=data_dir).data_dir)
+        folder = Path(tfds.builder(datasets.dataset_name(sp, dataset), data_dir=data_dir).data_dir)
         builds[sp] = [str(folder), (folder / "dataset_info.json").stat().st_mtime_ns]
     identity = json.dumps({"datasets": [str(r) for r in catalog.refs], "builds": builds,
                            "parts": parts, "images": len(catalog),

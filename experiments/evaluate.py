@@ -29,7 +29,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from xeno_jax.models import convert, load_pretrained
-from xeno_jax.study import runs
+from xeno_jax.study import datasets, evaluation, runs
 from xeno_jax.study.configurations import parse_configuration
 from xeno_jax.study.report import class_table
 from xeno_jax.study.study import TEST_SETS, Evaluation, score_test_set
@@ -79,7 +79,7 @@ def main(argv):
     models = load_models(config, _WORKDIRS.value)
     parsed = parse_configuration(config.configuration)
     table = score_test_set(parsed, _TEST_SET.value, models, dataset=config.data.dataset,
-                           data_dir=runs.data_dir_of(config),
+                           data_dir=datasets.data_dir_of(config),
                            batch_size=config.evaluate.batch_size)
     if table is None:
         raise SystemExit(f"{parsed.target} has no {_TEST_SET.value!r} images in "
@@ -87,12 +87,12 @@ def main(argv):
     if _OUTPUT.value:
         table.save(_OUTPUT.value)
         logging.info("scores: %s", _OUTPUT.value)
-    evaluation = [Evaluation(config.configuration, _TEST_SET.value, table)]
+    evaluations = [Evaluation(config.configuration, _TEST_SET.value, table)]
     for metric in table.scores:
-        if metric not in runs.STO2_COLUMNS:
+        if metric not in evaluation.STO2_COLUMNS:
             print(f"\n{metric} ({_TEST_SET.value}, {len(models)} model(s), "
                   f"{len(set(table.image_name))} images), class level with 95% bootstrap CI:\n")
-            print(class_table(evaluation, _TEST_SET.value, metric))
+            print(class_table(evaluations, _TEST_SET.value, metric))
 
 
 if __name__ == "__main__":

@@ -31,3 +31,24 @@ def stored_examples():
                 for split in sorted(builder.info.splits)}
 
     return examples
+
+
+def pytest_collection_modifyitems(config, items):
+    """``--dist loadgroup``: sends the tests of one ``xdist_group`` to one worker (those that
+    share the tiny study of tests/test_study.py, so it is made once).
+
+    pytest-xdist marks a grouped test by appending ``@<group>`` to its node id, but with pytest
+    >= 9.2 its write no longer takes effect (pytest-dev/pytest-xdist#1386) and the groups are
+    silently spread over the workers; this writes the suffix the way pytest now stores ids,
+    and does nothing where xdist's own write worked.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            from _pytest.nodeid import coerce_node_id  # pytest >= 9.2's structured ids
+
+            item._id = coerce_node_id(item.nodeid + suffix)

@@ -91,9 +91,10 @@ def make_dataset(num_examples=24, seed=0):
 
 
 def xeno_augmentation(seed=0):
-    """``(augment, bank)``: the xeno-learning preset (kidney) with a random near-identity bank
-    of `NUM_CHANNELS`-band maps, for `make_dataset` images."""
-    from xeno_jax.augment import build_pipeline, preset
+    """``(augment, bank)``: the xeno-learning steps of the pig2human malperfusion run config
+    (kidney) with a random near-identity bank of `NUM_CHANNELS`-band maps, for `make_dataset`
+    images."""
+    from xeno_jax.augment import build_pipeline, steps_from_config
     from xeno_jax.labels import SPECIES_12
     from xeno_jax.projections import ProjectionBank
 
@@ -102,7 +103,10 @@ def xeno_augmentation(seed=0):
     weights = np.eye(NUM_CHANNELS) + rng.normal(0, 0.2, (pairs, NUM_CHANNELS, NUM_CHANNELS))
     biases = rng.normal(0, 0.01, (pairs, NUM_CHANNELS))
     bank = ProjectionBank.from_pairs({SPECIES_12.name_to_index("kidney"): (weights, biases)})
-    return build_pipeline(preset("xeno", target_labels=("kidney",))), bank
+    from xeno_jax.study.configurations import run_config
+
+    steps = steps_from_config(run_config("projected-malperfusion_pig2human").augment)
+    return build_pipeline(steps), bank
 
 
 VALIDATION_IMAGES = 3  # not a multiple of the device count: predict pads

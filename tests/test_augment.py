@@ -9,20 +9,21 @@ import numpy as np
 import pytest
 
 from xeno_jax.augment import (
-    BASELINE,
+    STEP_NAMES,
     affine_warp,
     build_pipeline,
     l1_renormalize,
-    preset,
     project_spectra,
     random_affine,
     random_horizontal_flip,
     random_vertical_flip,
     revert_invalid_images,
+    step_arguments,
+    steps_from_config,
     transplant_organs,
-    xeno_steps,
 )
 from xeno_jax.projections import ProjectionBank
+from xeno_jax.study.configurations import run_config
 
 B, H, W, C = 6, 8, 12, 5
 
@@ -380,24 +381,38 @@ def test_transplant_skips_donors_without_valid_pixels():
 
 # --- pipeline -------------------------------------------------------------------------------
 
-def test_presets_are_the_a4_steps_in_order():
-    assert preset("baseline") == BASELINE
-    assert [(s["name"], s.get("p")) for s in BASELINE] == [
+def test_the_run_configs_hold_the_a4_steps_in_order():
+    baseline = steps_from_config(run_config("baseline_human").augment)
+    assert [(s["name"], s.get("p")) for s in baseline] == [
         ("affine", 0.5), ("hflip", 0.25), ("vflip", 0.25), ("transplant", 0.8)]
-    xeno = preset("xeno", target_labels=("kidney",))
-    assert xeno == xeno_steps(["kidney"])
+    xeno = steps_from_config(run_config("projected-malperfusion_pig2human").augment)
     assert [(s["name"], s.get("p")) for s in xeno] == [
         ("affine", 0.5), ("hflip", 0.25), ("vflip", 0.25), ("projection", 0.8),
         ("transplant", 0.8), ("l1_normalize", None)]
     assert xeno[3]["label_mode"] == "label_match" and xeno[3]["interpolate"] is True
-    with pytest.raises(ValueError, match="unknown preset"):
-        preset("xeno2")
+    assert xeno[3]["target_labels"] == ("kidney",)
+    build_pipeline(xeno)  # every value is an argument its op takes
+
+
+def test_every_augmentation_value_is_in_the_config_and_misspellings_name_themselves():
+    augment = run_config("projected-ICG_rat2pig").augment
+    for name in STEP_NAMES:  # the config is locked: only these keys can be set by flags
+        assert set(augment[name]) == set(step_arguments(name)), name
+    augment.projection.p = 0.5
+    assert steps_from_config(augment)[3]["p"] == 0.5
+    with pytest.raises(AttributeError, match='Key "pp" does not exist'):
+        augment.projection.pp = 0.5
+    augment.steps = ("affine", "afine")
+    with pytest.raises(ValueError, match=r"steps\[1\]: unknown step 'afine'"):
+        steps_from_config(augment)
 
 
 def test_pipeline_runs_under_jit_with_the_bank_as_argument(batch, bank_one_pair):
     features, labels = batch
     data = {"features": features, "labels": labels, "valid": labels != 12, "id": jnp.arange(B)}
-    augment = build_pipeline(preset("xeno", target_labels=("stomach", 3)))
+    config = run_config("projected-ICG_rat2pig").augment
+    config.projection.target_labels = ("stomach", 3)
+    augment = build_pipeline(steps_from_config(config))
     key = jax.random.key(14)
     out = jax.jit(augment)(key, data, bank_one_pair)
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == {

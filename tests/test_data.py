@@ -411,7 +411,7 @@ def test_tfds_build_command_works_without_tensorflow(tmp_path):
 def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
     """``config.data.spec``: a spec in the reference's JSON format is the split source, and our
     exported specs re-import to the same folds."""
-    from xeno_jax.study import runs
+    from xeno_jax.study import datasets, runs
     from xeno_jax.study.configurations import run_config
 
     _, data_dir = pig_tiny
@@ -434,10 +434,11 @@ def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
     specs = nested_cross_validation(synthetic_records(), seed=0)
     for outer, spec in enumerate(specs):
         spec.save(tmp_path / spec_name("pig", outer))
-        assert runs.outer_spec(catalog, "pig", outer, data_dir, "sim_micro", str(tmp_path)) == spec
+        assert datasets.ensure_outer_spec(catalog, "pig", outer, data_dir, "sim_micro",
+                                          str(tmp_path)) == spec
     # The study passes the spec folder to every run; one file cannot serve three outer folds.
     from experiments.configs.study import get_config
-    from xeno_jax.study.study import run_configs
+    from xeno_jax.study.launch import run_configs
 
     study = get_config("full")
     with study.unlocked():

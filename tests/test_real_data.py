@@ -324,7 +324,7 @@ def test_builds_killed_earlier_leave_no_incomplete_folders(tmp_path):
 def test_dsc_against_sto2_uses_the_vendors_sto2_when_the_data_has_it(tmp_path):
     from xeno_jax.data import Catalog
     from xeno_jax.spectra import sto2
-    from xeno_jax.study.runs import score_images
+    from xeno_jax.study.evaluation import score_images
 
     rng = np.random.default_rng(8)
     image = random_image(rng, 6, 8)

@@ -27,7 +27,7 @@ from xeno_jax.models.convert import (
     variables_from_state_dict,
 )
 from xeno_jax.models.efficientnet import depthwise_conv
-from xeno_jax.study import runs
+from xeno_jax.study import evaluation
 from xeno_jax.study.configurations import config_from_arg, run_config
 from xeno_jax.train import train, validate_config
 from xeno_jax.train.parallel import fetch_replicated
@@ -187,7 +187,7 @@ def test_converted_network_round_trips_and_trains_under_both_launchers(tmp_path)
     np.testing.assert_allclose(jax.jit(functools.partial(model.apply, train=False))(restored, x),
                                torch_nhwc(reference, x), atol=1e-5, rtol=0)
     # The study's evaluation takes converted networks as they are.
-    probabilities = runs.predictor([(model, restored)])(x)
+    probabilities = evaluation.predictor([(model, restored)])(x)
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
 
     params, losses = {}, {}

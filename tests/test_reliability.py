@@ -36,15 +36,13 @@ import pytest
 import reliability_worker as worker
 from distributed_worker import NUM_CHANNELS, InMemoryIterator, make_dataset
 
-from experiments.configs import study as study_config
 from xeno_jax.augment.spectral import project_spectra_counted
 from xeno_jax.io.htc import write_blosc
 from xeno_jax.io.lock import WorkdirBusyError, workdir_lock
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.projections import ProjectionBank
-from xeno_jax.study import runs
+from xeno_jax.study import banks, runs
 from xeno_jax.study.configurations import run_config
-from xeno_jax.study.study import run_study
 from xeno_jax.train import MetricsWriter, checkpoint_manager, train
 from xeno_jax.train import fingerprint as fp
 from xeno_jax.train.checkpoint import CorruptCheckpointError
@@ -123,8 +121,8 @@ def test_a_bank_without_the_target_labels_is_refused_before_training(tmp_path, l
 
 def test_a_bank_that_reaches_a_target_label_is_accepted(tmp_path):
     config = projected_config(tmp_path, [SPECIES_12.name_to_index("liver"), worker.KIDNEY])
-    assert set(runs.load_bank(config).label_indices) == {worker.KIDNEY,
-                                                         SPECIES_12.name_to_index("liver")}
+    assert set(banks.ensure_run_bank(config).label_indices) == {
+        worker.KIDNEY, SPECIES_12.name_to_index("liver")}
 
 
 @pytest.mark.parametrize("label_mode, p", [("label_match", 0.5), ("random", 0.5),
@@ -249,30 +247,24 @@ with workdir_lock(sys.argv[1], "holding it for a test"):
 
 
 def test_a_second_process_is_refused_naming_the_holder(tmp_path):
-    run_dir, study_dir = tmp_path / "run", tmp_path / "study"
-    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(d)], env=ENV,
-                                stdout=subprocess.PIPE, text=True)
-               for d in (run_dir, study_dir)]
+    """A run's work directory has one writer. (A study's work directory is shared by any
+    number of study processes, which claim its runs: tests/test_study.py.)"""
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], env=ENV,
+                              stdout=subprocess.PIPE, text=True)
     try:
-        for holder in holders:
-            assert holder.stdout.readline().strip() == "locked"
+        assert holder.stdout.readline().strip() == "locked"
         who = (r"in use by holding it for a test \(pid {} on host "
                + re.escape(socket.gethostname()))
         run = run_config("baseline_human", quick=True, dataset="sim_tiny")
         with run.unlocked():
             run.data.data_dir = str(tmp_path / "tfds")
-        with pytest.raises(WorkdirBusyError, match=who.format(holders[0].pid)):
+        with pytest.raises(WorkdirBusyError, match=who.format(holder.pid)):
             runs.train_run(run, run_dir)
-        config = study_config.get_config("demo,sim_tiny")
-        with config.unlocked():
-            config.data_dir = str(tmp_path / "tfds")
-        with pytest.raises(WorkdirBusyError, match=who.format(holders[1].pid)):
-            run_study(config, study_dir)
         assert not (tmp_path / "tfds").exists()  # refused before doing anything
     finally:
-        for holder in holders:
-            holder.send_signal(signal.SIGKILL)
-            holder.wait()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
     with workdir_lock(run_dir, "after the holder was killed"):  # the OS released its lock
         with pytest.raises(WorkdirBusyError, match=f"pid {os.getpid()}"):
             with workdir_lock(run_dir, "a second writer in this process"):

@@ -1,8 +1,15 @@
-"""The study end to end at a tiny size: two configurations, one fold, a few steps."""
+"""The study end to end at a tiny size: two configurations, two folds, a few steps; the same
+study by two processes sharing a work directory; a killed worker's run taken over."""
 
 import json
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +18,19 @@ from experiments.configs import study as study_config
 from xeno_jax.data import evaluation_batches
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.labels import SPECIES_12
-from xeno_jax.study import report, runs
+from xeno_jax.study import banks, datasets, evaluation, launch, report, runs, sweeps
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
-from xeno_jax.study.study import SCORES_FINGERPRINT, run_configs, run_study
+from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
+from xeno_jax.study.workdir import is_claimed
 from xeno_jax.train.fingerprint import StaleWorkError
 
 pytestmark = pytest.mark.slow
+# Tests that use the `study` fixture run on one xdist worker, so it is made once.
+SHARES_STUDY = pytest.mark.xdist_group("study")
+REPOSITORY = Path(__file__).resolve().parents[1]
+# The `study` fixture's settings as flags of `python -m experiments.study`.
+STUDY_FLAGS = ("--config=experiments/configs/study.py:demo,sim_tiny", "--config.folds=(0,1)",
+               "--config.overrides.train.epochs=1", "--config.overrides.train.epoch_size=16")
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +39,16 @@ def study(tmp_path_factory):
     config = study_config.get_config("demo,sim_tiny")
     with config.unlocked():
         config.data_dir = str(workdir / "tfds")
+        config.folds = (0, 1)
         config.overrides.train.epochs = 1
         config.overrides.train.epoch_size = 16  # two steps of 8 images
     path = run_study(config, workdir)
     return config, workdir, path
+
+
+def _study_process(flags, log: Path, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "experiments.study", *flags], cwd=REPOSITORY,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, **kwargs)
 
 
 def _formatted_numbers(tables: dict[tuple[str, str], ScoreTable]) -> set[str]:
@@ -59,6 +79,7 @@ def _formatted_numbers(tables: dict[tuple[str, str], ScoreTable]) -> set[str]:
     return numbers
 
 
+@SHARES_STUDY
 def test_report_structure_and_computed_numbers(study):
     config, workdir, path = study
     text = path.read_text()
@@ -79,6 +100,7 @@ def test_report_structure_and_computed_numbers(study):
     assert printed and set(printed) <= allowed, sorted(set(printed) - allowed)[:10]
 
 
+@SHARES_STUDY
 def test_rerun_reuses_everything(study):
     config, workdir, path = study
     before = {p: p.stat().st_mtime_ns for p in (workdir / "runs").rglob("*") if p.is_file()}
@@ -96,6 +118,7 @@ def _files(workdir):
             for p in (workdir / folder).rglob("*") if p.is_file() and p.name != ".lock"}
 
 
+@SHARES_STUDY
 def test_rerun_with_a_changed_learning_rate_is_refused_unless_told(study, caplog):
     """Issue 16: never the old networks or report under a new config without a word."""
     config, workdir, path = study
@@ -103,6 +126,7 @@ def test_rerun_with_a_changed_learning_rate_is_refused_unless_told(study, caplog
     changed = study_config.get_config("demo,sim_tiny")
     with changed.unlocked():
         changed.data_dir = config.data_dir
+        changed.folds = config.folds
         changed.overrides.train.epochs = 1
         changed.overrides.train.epoch_size = 16
         changed.overrides.train.learning_rate = 0.01
@@ -117,6 +141,7 @@ def test_rerun_with_a_changed_learning_rate_is_refused_unless_told(study, caplog
     assert _files(workdir) == files and path.read_text() == text
 
 
+@SHARES_STUDY
 def test_score_tables_of_other_networks_are_refused(study):
     config, workdir, _ = study
     record_path = workdir / "scores" / config.configurations[0] / SCORES_FINGERPRINT
@@ -136,11 +161,13 @@ def test_score_tables_of_other_networks_are_refused(study):
         record_path.write_text(record)
 
 
+@SHARES_STUDY
 def test_finished_runs_and_banks_are_where_the_study_says(study):
     config, workdir, _ = study
-    for name in config.configurations:
-        assert runs.is_done(runs.runs_root(workdir, name, 0, 0))
-    bank = runs.bank_path(config.data_dir, config.dataset, "malperfusion", "pig")
+    for key in launch.study_runs(config):
+        assert runs.is_done(key.directory(workdir))
+        assert not is_claimed(key.directory(workdir))
+    bank = banks.bank_path(config.data_dir, config.dataset, "malperfusion", "pig")
     assert bank.exists()
 
 
@@ -149,9 +176,9 @@ def test_every_paper_configuration_has_a_valid_config(name):
     config = run_config(name, quick=True)
     parsed = parse_configuration(name)
     assert config.data.species == parsed.target
-    assert (config.augment.preset == "xeno") == parsed.is_projected
+    assert ("projection" in config.augment.steps) == parsed.is_projected
     if parsed.is_projected:
-        assert (parsed.pathology, parsed.source) in runs.BANK_RECIPES
+        assert (parsed.pathology, parsed.source) in banks.BANK_RECIPES
     with pytest.raises(AttributeError):
         config.train.bach_size = 4  # locked: misspelt keys are errors
 
@@ -162,7 +189,7 @@ def test_overrides_reach_every_run_and_unset_ones_keep_the_configuration():
         config.overrides.train.epochs = 3
         config.overrides.model.dtype = "bfloat16"
     plain = run_config("baseline_human", quick=True, dataset="sim_tiny")
-    for _, _, run in run_configs(config, "baseline_human"):
+    for _, _, run in launch.run_configs(config, "baseline_human"):
         assert run.train.epochs == 3 and run.model.dtype == "bfloat16"
         assert run.train.batch_size == plain.train.batch_size
 
@@ -175,6 +202,7 @@ def test_unknown_configuration_is_an_error():
         [report.KIDNEY])[0])
 
 
+@SHARES_STUDY
 def test_a_tiny_model_learns_and_beats_the_majority_class(study):
     """The quick model on simulated human images: loss falls; held-out pixels beat majority."""
     config, workdir, _ = study
@@ -190,10 +218,11 @@ def test_a_tiny_model_learns_and_beats_the_majority_class(study):
     losses = [row["loss"] for row in rows if "loss" in row]
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
 
-    catalog = runs.catalog_for(["human"], config.dataset, config.data_dir)
+    catalog = datasets.ensure_catalog(["human"], config.dataset, config.data_dir)
     train_records, _ = runs.training_images(run, catalog)
     test_records = catalog.select(
-        runs.nested_specs(catalog, "human", config.data_dir, config.dataset)[0].folds[0].test)
+        datasets.ensure_nested_specs(catalog, "human", config.data_dir, config.dataset)[0]
+        .folds[0].test)
     assert not {r.subject for r in train_records} & {r.subject for r in test_records}
     classes = SPECIES_12.num_classes
     train_counts = np.zeros(classes, np.int64)
@@ -201,7 +230,7 @@ def test_a_tiny_model_learns_and_beats_the_majority_class(study):
         labels, valid = batch["labels"][:len(records)], batch["valid"][:len(records)]
         train_counts += np.bincount(labels[valid], minlength=classes)[:classes]
     majority = int(np.argmax(train_counts))
-    predict = runs.predictor([(run, runs.restore_variables(run, directory))])
+    predict = evaluation.predictor([(run, runs.restore_variables(run, directory))])
     correct = majority_correct = total = 0
     for records, batch in evaluation_batches(catalog, test_records, 8):
         n = len(records)
@@ -212,3 +241,98 @@ def test_a_tiny_model_learns_and_beats_the_majority_class(study):
         total += np.sum(valid)
     accuracy, majority_accuracy = correct / total, majority_correct / total
     assert accuracy > majority_accuracy + 0.2, (accuracy, majority_accuracy)
+
+
+@SHARES_STUDY
+def test_two_study_processes_on_one_workdir_train_each_run_once(study, tmp_path):
+    """Two study processes at once on one work directory, one training itself, one with two
+    local workers (submitit's local executor): datasets, specs and the bank are made once,
+    every run is trained once, and the report is the single-process study's."""
+    config, _, single_report = study
+    workdir = tmp_path / "shared"
+    logs = [tmp_path / f"study_{i}.log" for i in range(2)]
+    with_workers = _study_process([*STUDY_FLAGS, f"--workdir={workdir}", "--launcher=local",
+                                   "--config.launcher.workers=2"], logs[0])
+    alone = _study_process([*STUDY_FLAGS, f"--workdir={workdir}"], logs[1])
+    for process, log in zip((with_workers, alone), logs, strict=True):
+        assert process.wait(timeout=1200) == 0, log.read_text()[-3000:]
+    jobs = list((workdir / "jobs").rglob("*_log.*"))  # the local workers' logs
+    text = "".join(path.read_text() for path in [*logs, *jobs])
+    for made in (r"dataset human/sim_tiny in \S+", r"dataset pig/sim_tiny in \S+",
+                 r"data specs of human/sim_tiny", r"malperfusion projections of pig \(\S+\)"):
+        assert len(re.findall(made + ": building", text)) == 1, made
+    pids = set()
+    for key in launch.study_runs(config):
+        sessions = (key.directory(workdir) / launch.CLAIMS_FILE).read_text().splitlines()
+        assert len(sessions) == 1 and sessions[0].endswith(": start"), (key, sessions)
+        pids.add(int(re.search(r"pid (\d+):", sessions[0])[1]))
+    assert pids - {with_workers.pid, alone.pid}, "no run was trained by a local worker"
+    assert (workdir / "report.md").read_text() == single_report.read_text()
+
+
+@SHARES_STUDY
+def test_a_killed_workers_run_is_taken_over_and_resumed(study, tmp_path):
+    """A run's `--print_runs` command is killed mid-run; its claim is free again, and a study
+    on the submitit launcher (debug executor) submits that run alone and resumes it."""
+    config, _, _ = study
+    workdir = tmp_path / "killed"
+    flags = ["--config=experiments/configs/study.py:demo,sim_tiny",
+             "--config.configurations=('baseline_human',)", "--config.test_sets=('physiological',)",
+             f"--config.data_dir={config.data_dir}",  # the datasets the study fixture built
+             "--config.overrides.train.epochs=1", "--config.overrides.train.epoch_size=320",
+             "--config.overrides.train.checkpoint_every_steps=2", f"--workdir={workdir}"]
+    printed = subprocess.run([sys.executable, "-m", "experiments.study", *flags, "--print_runs"],
+                             cwd=REPOSITORY, capture_output=True, text=True, check=True)
+    commands = printed.stdout.splitlines()
+    assert len(commands) == 1 and commands[0].endswith("--run=baseline_human/outer_0/fold_0")
+
+    directory = launch.RunKey("baseline_human", 0, 0).directory(workdir)
+    log = tmp_path / "killed.log"
+    # It reads the tests' persistent compilation cache but never writes it: a SIGKILL in the
+    # middle of writing an entry would leave it torn for every later process.
+    worker = subprocess.Popen(commands[0], shell=True, start_new_session=True,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
+                                   "1e9"})
+    def checkpoints():  # finished ones (orbax renames a step's folder when it is complete)
+        return [int(p.name) for p in directory.glob("checkpoints/*") if p.name.isdigit()]
+
+    deadline = time.monotonic() + 900
+    while not checkpoints():
+        assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    while time.monotonic() < deadline:  # until the group's python process is gone too
+        try:
+            os.killpg(worker.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    assert not runs.is_done(directory) and not is_claimed(directory)
+    checkpoint = max(checkpoints())
+
+    later = study_config.get_config("demo,sim_tiny")
+    with later.unlocked():
+        later.configurations, later.test_sets = ("baseline_human",), ("physiological",)
+        later.data_dir = config.data_dir
+        later.overrides.train.epochs, later.overrides.train.epoch_size = 1, 320
+        later.overrides.train.checkpoint_every_steps = 2
+        later.launcher.cluster = "debug"
+    assert run_study(later, workdir, launcher="submitit").exists()
+    sessions = (directory / launch.CLAIMS_FILE).read_text().splitlines()
+    assert [s.split(": ")[-1] for s in sessions] == ["start", f"resume from step {checkpoint}"]
+    assert json.loads((directory / runs.DONE_FILE).read_text())["step"] == 40
+
+
+def test_sweeps_are_declared_in_the_config_file_and_name_misspelt_keys():
+    config = study_config.get_config("demo")
+    points = sweeps.points(REPOSITORY / "experiments/configs/study.py:demo")
+    assert [sweeps.point_name(p) for p in points] == [
+        "projection.p=0.4", "projection.p=0.8", "projection.p=1.0"]
+    swept = sweeps.apply_point(config, points[0])
+    (_, _, run), = launch.run_configs(swept, "projected-malperfusion_pig2human")
+    assert run.augment.projection.p == 0.4
+    assert config.overrides.augment.projection.p is None  # the study config is not changed
+    with pytest.raises(KeyError, match=r"'overrides\.augment\.projektion\.p'"):
+        sweeps.apply_point(config, {"overrides.augment.projektion.p": 0.5})

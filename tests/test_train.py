@@ -22,8 +22,9 @@ from distributed_worker import (
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from xeno_jax.augment import build_pipeline, preset
+from xeno_jax.augment import build_pipeline, steps_from_config
 from xeno_jax.models import UNet
+from xeno_jax.study.configurations import run_config
 from xeno_jax.train import (
     MetricsWriter,
     NonFiniteLossError,
@@ -249,7 +250,8 @@ def augment_on(num_devices, augment, bank, batch, step=5):
 def test_augmented_batch_is_the_same_on_any_device_count(name):
     augment, bank = xeno_augmentation()
     if name == "baseline":
-        augment, bank = build_pipeline(preset("baseline")), None
+        augment = build_pipeline(steps_from_config(run_config("baseline_human").augment))
+        bank = None
     batch = next(InMemoryIterator(DATA, 8))
     one = augment_on(1, augment, bank, batch)
     assert np.any(one["labels"] != batch["labels"])

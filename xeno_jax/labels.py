@@ -149,3 +149,5 @@ MALPERFUSED_LABELS = ("kidney",)
 MALPERFUSED_LABELS_EXTENDED = ("colon", "liver", "kidney", "spleen")
 ICG_LABELS = ("stomach", "small_bowel", "colon", "liver", "kidney", "omentum", "peritoneum",
               "pancreas")
+PATHOLOGY_LABELS = {"malperfusion": MALPERFUSED_LABELS, "ICG": ICG_LABELS}
+"""The target labels of each pathology (spelt as in the configuration names)."""

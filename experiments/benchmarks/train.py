@@ -6,9 +6,9 @@ For each model and compute dtype, in one run with the repetitions of the modes i
   the mesh as `xeno_jax.train.train` launches it) on one batch already on the devices, no
   augmentation;
 - ``step+augment``: the same batch through the xeno-learning augmentation pipeline (the A4
-  preset with the projection step for kidney; a bank of 60 maps) as `train` runs it now: on the
-  global batch (`xeno_jax.train.step.augment_batch`), in one program with the step
-  (`data_parallel(..., prepare=...)`);
+  steps of the pig2human malperfusion run config, kidney projections; a bank of 60 maps) as
+  `train` runs it now: on the global batch (`xeno_jax.train.step.augment_batch`), in one program
+  with the step (`data_parallel(..., prepare=...)`);
 - ``step+augment per device [before]``: the augmentation as it ran before, inside the
   per-device step on each device's own rows (a key folded with the device index);
 - ``step+augment+pipeline``: as `train` runs: every batch from `xeno_jax.data.train_iterator`
@@ -51,11 +51,12 @@ from jax import lax
 
 from experiments.benchmarks.augment import near_identity_bank
 from experiments.benchmarks.input_pipeline import DATASET, SPLIT, build_dataset, load_average
-from xeno_jax.augment import build_pipeline, preset
+from xeno_jax.augment import build_pipeline, steps_from_config
 from xeno_jax.data import Catalog, train_iterator
-from xeno_jax.labels import MALPERFUSED_LABELS, SPECIES_12
+from xeno_jax.labels import SPECIES_12
 from xeno_jax.models import build_model
-from xeno_jax.study import runs
+from xeno_jax.study import datasets
+from xeno_jax.study.configurations import run_config
 from xeno_jax.train import default_config
 from xeno_jax.train.loop import training_setup
 from xeno_jax.train.parallel import (
@@ -95,9 +96,9 @@ def per_device_augmented_step(state, batch, bank, *, step, augment):
 
 def dataset_records(name: str, data_dir: Path) -> tuple[Catalog, list]:
     if name in SMALL_DATASETS:
-        runs.ensure_dataset("pig", SMALL_DATASETS[name], data_dir)
-        catalog = runs.catalog_for(["pig"], SMALL_DATASETS[name], data_dir)
-        return catalog, runs.semantic_images(catalog, "pig")
+        datasets.ensure_dataset("pig", SMALL_DATASETS[name], data_dir)
+        catalog = datasets.ensure_catalog(["pig"], SMALL_DATASETS[name], data_dir)
+        return catalog, datasets.semantic_images(catalog, "pig")
     build_dataset(data_dir, images_per_set=5)
     catalog = Catalog([f"{DATASET}:{SPLIT}"], str(data_dir))
     return catalog, catalog.filter(experiment="semantic")
@@ -115,7 +116,8 @@ def benchmark(name: str, dtype: str, modes: list[str], args) -> dict[str, list[f
     state = setup.init_state()
     rng = put_replicated(fetch_replicated(state.rng), mesh)
     step = functools.partial(train_step, model=model, optimizer=setup.optimizer)
-    augment = build_pipeline(preset("xeno", target_labels=MALPERFUSED_LABELS))
+    augment = build_pipeline(steps_from_config(
+        run_config("projected-malperfusion_pig2human").augment))
     plain = data_parallel(step, mesh, donate=True)
     per_device = data_parallel(
         functools.partial(per_device_augmented_step, step=step, augment=augment), mesh,

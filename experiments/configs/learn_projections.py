@@ -11,7 +11,7 @@ Argument: ``<species>_<pathology>[,<dataset>]`` with pathology ``malperfusion`` 
 
 import ml_collections
 
-from xeno_jax.study.runs import BANK_RECIPES
+from xeno_jax.study.banks import BANK_RECIPES
 
 
 def get_config(arg: str = "pig_malperfusion") -> ml_collections.ConfigDict:

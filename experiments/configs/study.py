@@ -20,13 +20,20 @@ network (``unet_efficientnet_b5``, the reference's; default our U-Net)::
   python -m experiments.study --config=experiments/configs/study.py:demo \
       --config.overrides.train.epochs=2 --workdir=smoke
 
+  python -m experiments.study --config=experiments/configs/study.py --workdir=/shared/study \
+      --launcher=submitit --config.launcher.partition=gpu --config.launcher.mem_gb=96
+
 An interrupted study resumes: finished datasets, banks, runs and score tables are reused.
+Several study processes may share a work directory (experiments/study.py).
 """
 
 import ml_collections
-from ml_collections import config_dict
 
-from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_options
+from xeno_jax.study.configurations import (
+    PAPER_CONFIGURATIONS,
+    override_placeholders,
+    parse_options,
+)
 from xeno_jax.study.study import TEST_SETS
 
 DEMO_CONFIGURATIONS = ("baseline_human", "projected-malperfusion_pig2human")
@@ -50,15 +57,25 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     config.evaluate_batch_size = 8
     # The data specs: "" ours, else a folder of the reference's spec files (or one file).
     config.data = ml_collections.ConfigDict({"spec": ""})
-    # Values that replace those of every training run (unset: the configuration's own).
-    config.overrides = ml_collections.ConfigDict()
-    config.overrides.train = ml_collections.ConfigDict({
-        "epochs": config_dict.placeholder(int), "epoch_size": config_dict.placeholder(int),
-        "batch_size": config_dict.placeholder(int),
-        "learning_rate": config_dict.placeholder(float)})
-    config.overrides.model = ml_collections.ConfigDict({
-        "variant": config_dict.placeholder(str), "dtype": config_dict.placeholder(str)})
-    config.overrides.parallel = ml_collections.ConfigDict({
-        "backend": config_dict.placeholder(str), "num_devices": config_dict.placeholder(int)})
+    # Values that replace those of every training run (unset: the run's own); every value of
+    # a run config is here (but the study's own, above), e.g.
+    # --config.overrides.augment.projection.p=0.5 or --config.overrides.model.dtype=bfloat16.
+    config.overrides = override_placeholders()
+    # Where the runs train (python -m experiments.study --launcher=local|submitit).
+    config.launcher = ml_collections.ConfigDict()
+    config.launcher.workers = 1  # local: worker processes at once (1: the study process)
+    config.launcher.cluster = "slurm"  # submitit: slurm, or its local / debug executors
+    config.launcher.partition = ""  # SLURM partition; "": the cluster's default
+    config.launcher.gpus_per_run = 1 if kind == "full" else 0  # per run (per local worker)
+    config.launcher.cpus_per_run = 8  # input pipeline threads and the host side of a run
+    config.launcher.mem_gb = 64  # host memory per run
+    config.launcher.timeout_min = 12 * 60  # time limit per run
+    config.launcher.array_parallelism = 64  # most runs of the job array at once
     config.lock()
     return config
+
+
+def sweep() -> list[dict]:
+    """``--sweep``: the probability of the projection step around the paper's 0.8 (each point a
+    study of its own; see xeno_jax.study.sweeps)."""
+    return [{"overrides.augment.projection.p": p} for p in (0.4, 0.8, 1.0)]

@@ -1,4 +1,4 @@
-"""Augmentation pipelines composed from a config list, and the presets of ``method.md`` A4.
+"""Augmentation pipelines composed from a list of steps (a config's ``augment`` section).
 
 A pipeline is a list of steps, each a mapping (a dict or an ml_collections ``ConfigDict``) with a
 ``name`` and the keyword arguments of its op::
@@ -45,41 +45,42 @@ _MASK_OPS = {
     "vflip": random_vertical_flip,
     "transplant": transplant_organs,
 }
-STEP_NAMES = (*_MASK_OPS, "projection", "l1_normalize")
-
-BASELINE = (
-    {"name": "affine", "p": 0.5},
-    {"name": "hflip", "p": 0.25},
-    {"name": "vflip", "p": 0.25},
-    {"name": "transplant", "p": 0.8},
-)
-"""The baseline networks' augmentation (``method.md`` A4)."""
+# The projection step runs `project_spectra_counted` (features and the projected-pixel count).
+STEP_OPS = {**_MASK_OPS, "projection": project_spectra_counted, "l1_normalize": l1_renormalize}
+STEP_NAMES = tuple(STEP_OPS)
 
 
-def xeno_steps(target_labels: Sequence[str | int]) -> tuple[dict[str, Any], ...]:
-    """The xeno-learning networks' augmentation (``method.md`` A4) for the given target labels.
+def step_arguments(name: str) -> tuple[str, ...]:
+    """The keyword arguments a step takes (those of its op)."""
+    return tuple(p.name for p in inspect.signature(STEP_OPS[name]).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
-    Args:
-      target_labels: label names or indices to project, e.g. ``("kidney",)`` for malperfusion or
-        `xeno_jax.labels.ICG_LABELS`.
+
+def steps_from_config(augment: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The steps a config's ``augment`` section names, each with the values of its section.
+
+    ``augment.steps`` is the ordered tuple of step names; ``augment.<name>`` holds the keyword
+    arguments of that step (``experiments`` configs set the paper's values, see
+    `xeno_jax.study.configurations.run_config`). A projection step's empty ``target_labels``
+    means every label of the bank.
+
+    Raises:
+      ValueError: for an unknown step name or a step without a section.
     """
-    return (
-        *(dict(step) for step in BASELINE[:3]),
-        {"name": "projection", "p": 0.8, "label_mode": "label_match", "interpolate": True,
-         "target_labels": tuple(target_labels)},
-        {"name": "transplant", "p": 0.8},
-        {"name": "l1_normalize"},
-    )
-
-
-def preset(name: str, **kwargs) -> tuple[dict[str, Any], ...]:
-    """The steps of a named preset: ``"baseline"``, or ``"xeno"`` (needs `target_labels`)."""
-    if name == "baseline" and not kwargs:
-        return tuple(dict(step) for step in BASELINE)
-    if name == "xeno" and set(kwargs) == {"target_labels"}:
-        return xeno_steps(**kwargs)
-    raise ValueError(f"unknown preset {name!r} with arguments {sorted(kwargs)}; expected "
-                     "'baseline' or 'xeno' (target_labels=...)")
+    steps = []
+    for i, name in enumerate(augment["steps"]):
+        if name not in STEP_NAMES:
+            raise ValueError(f"config.augment.steps[{i}]: unknown step {name!r}; expected one "
+                             f"of {STEP_NAMES}")
+        section = augment.get(name)
+        if section is None:
+            raise ValueError(f"config.augment.steps names {name!r} but config.augment has no "
+                             f"section {name!r} with its values")
+        values = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+        if name == "projection" and not values.get("target_labels"):
+            values["target_labels"] = None
+        steps.append({"name": name, **values})
+    return tuple(steps)
 
 
 def build_pipeline(steps: Sequence[Mapping[str, Any]], bank: ProjectionBank | None = None, *,
@@ -170,10 +171,8 @@ def _build_step(index: int, step: Mapping[str, Any], label_mapping: LabelMapping
     name = step.pop("name", None)
     if name not in STEP_NAMES:
         raise ValueError(f"step {index}: unknown name {name!r}; expected one of {STEP_NAMES}")
-    op = ({"projection": project_spectra_counted, "l1_normalize": l1_renormalize}.get(name)
-          or _MASK_OPS[name])
-    accepted = [p.name for p in inspect.signature(op).parameters.values()
-                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    op = STEP_OPS[name]
+    accepted = list(step_arguments(name))
     unknown = sorted(set(step) - set(accepted))
     if unknown:
         raise ValueError(f"step {index} ({name}): unknown arguments {unknown}; {name} takes "

@@ -1,9 +1,14 @@
-"""`workdir_lock`: one writer per work directory, enforced with an OS file lock (`filelock`).
+"""File locks (`filelock`): `exclusive` for any stage one process at a time may run, and
+`workdir_lock`, one writer per work directory.
 
-The lock is ``<workdir>/.lock``; while it is held, ``<workdir>/.lock.holder.json`` names the
-holder (pid, host, what it does, since when) so that a second process can say who it is. The
-operating system releases the lock when its process dies, however it dies, so a killed run
-never leaves a stale lock behind (only a stale holder file, which the next holder replaces).
+Every lock is an OS ``flock`` lock (never a fall-back to lock files, which a dead process would
+leave behind) and one instance per process and path (a singleton), so the operating system
+releases it when its process dies, however it dies.
+
+The work-directory lock is ``<workdir>/.lock``; while it is held, ``<workdir>/.lock.holder.json``
+names the holder (pid, host, what it does, since when) so that a second process can say who it
+is. A killed run never leaves a stale lock behind (only a stale holder file, which the next
+holder replaces).
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ class WorkdirBusyError(RuntimeError):
     """Another process holds the lock of a work directory."""
 
 
+def exclusive(path: str | os.PathLike) -> filelock.BaseFileLock:
+    """The lock on `path` (its folder must exist): one instance per process, so code that holds
+    it may take it again (reentrant); other processes wait or are refused.
+
+    On a file system without ``flock`` acquiring it is an error, not a silent lock file.
+    """
+    return filelock.FileLock(path, is_singleton=True, fallback_to_soft=False)
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: str | os.PathLike, purpose: str, *, enabled: bool = True
                  ) -> Iterator[None]:
@@ -40,17 +54,19 @@ def workdir_lock(workdir: str | os.PathLike, purpose: str, *, enabled: bool = Tr
       enabled: False does nothing (the processes of a multi-process run other than 0).
 
     Raises:
-      WorkdirBusyError: naming the holder, if another process (or another lock object in this
-        process) holds the lock.
+      WorkdirBusyError: naming the holder, if another process (or this one, already) holds
+        the lock.
     """
     if not enabled:
         yield
         return
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(workdir / LOCK_FILE, timeout=0)
+    lock = exclusive(workdir / LOCK_FILE)
     try:
-        lock.acquire()
+        if lock.is_locked:  # by this process: a second writer here is refused as well
+            raise filelock.Timeout(str(lock.lock_file))
+        lock.acquire(blocking=False)
     except filelock.Timeout:
         raise WorkdirBusyError(
             f"{workdir} is in use by {_holder(workdir)}; wait until it has finished or use "

@@ -22,9 +22,10 @@ import numpy as np
 
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.simulate.generate import generate_batch, make_spec, stack_specs
+from xeno_jax.simulate.species import species_names
 from xeno_jax.spectra import l1_normalize, tivita_wavelengths
 
-SPECIES = ("human", "pig", "rat")
+SPECIES = tuple(species_names())  # the simulator's built-in species
 ORGANS = tuple(SPECIES_12.index_to_name(i) for i in range(1, SPECIES_12.num_classes))
 CHANGED_ORGANS = ("kidney", "liver", "colon")
 SIZE = dict(height=96, width=128)
@@ -60,7 +61,7 @@ def render(folder: str | Path) -> list[Path]:
     wavelengths = tivita_wavelengths()
     paths = []
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    fig, axes = plt.subplots(1, len(SPECIES), figsize=(15, 4), sharey=True)
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, len(ORGANS)))
     for ax, species in zip(axes, SPECIES, strict=True):
         cubes, labels = _simulate(species, "physiological", ORGANS, seed=1)
@@ -96,7 +97,7 @@ def render(folder: str | Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, 3, figsize=(12, 6.5))
+    fig, axes = plt.subplots(2, len(SPECIES), figsize=(12, 6.5))
     cmap = plt.get_cmap("tab20", SPECIES_12.invalid_index + 1)
     for k, species in enumerate(SPECIES):
         cubes, labels = _simulate(species, "physiological", ("kidney",), seed=3 + k)

@@ -22,13 +22,13 @@ import dataclasses
 import re
 
 import ml_collections
+from ml_collections import config_dict
 
-from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS
+from xeno_jax.labels import PATHOLOGY_LABELS, SPECIES_12
 from xeno_jax.models import MODEL_NAMES
 from xeno_jax.train.config import default_config
 
-SPECIES = ("human", "pig", "rat")
-PATHOLOGIES = {"malperfusion": MALPERFUSED_LABELS, "ICG": ICG_LABELS}
+GEOMETRIC_STEPS = ("affine", "hflip", "vflip")
 PAPER_CONFIGURATIONS = (
     "baseline_human", "baseline_pig", "baseline_rat",
     "projected-malperfusion_rat2pig", "projected-malperfusion_pig2rat",
@@ -100,10 +100,30 @@ def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small",
         config.data.spec = ""
         config.data.num_threads = 4  # grain reader threads
 
-        config.augment.preset = "xeno" if parsed.is_projected else "baseline"
+        # The A4 augmentation (method.md): the steps in order, then each step's values (the
+        # keyword arguments of its op in xeno_jax.augment; STEP_NAMES lists the steps).
+        config.augment.steps = (
+            (*GEOMETRIC_STEPS, "projection", "transplant", "l1_normalize") if parsed.is_projected
+            else (*GEOMETRIC_STEPS, "transplant"))
+        # Kornia RandomAffine as the reference: angle U[-degrees, degrees], shifts of up to
+        # translate x the image size, one isotropic scale; reflection padding.
+        config.augment.affine = ml_collections.ConfigDict(
+            {"p": 0.5, "degrees": 45.0, "translate": 0.0625, "scale": (0.9, 1.1)})
+        config.augment.hflip = ml_collections.ConfigDict({"p": 0.25})
+        config.augment.vflip = ml_collections.ConfigDict({"p": 0.25})
+        # Xeno-learning: each image with probability p gets every target label's spectra
+        # mapped by a random projection of that label (label_match), interpolated with the
+        # identity by a random weight; () targets every label of the bank.
+        config.augment.projection = ml_collections.ConfigDict({
+            "p": 0.8, "label_mode": "label_match", "interpolate": True,
+            "target_labels": PATHOLOGY_LABELS.get(parsed.pathology, ()),
+            "max_label": SPECIES_12.num_classes, "tile_size": 2048})
+        config.augment.l1_normalize = ml_collections.ConfigDict()  # the spectra again
+        # Organ transplantation: int(p * batch) donors, one organ each.
+        config.augment.transplant = ml_collections.ConfigDict(
+            {"p": 0.8, "num_classes": SPECIES_12.num_classes})
         config.augment.source = parsed.source  # species whose projections are applied
         config.augment.pathology = parsed.pathology  # malperfusion | ICG
-        config.augment.target_labels = PATHOLOGIES[parsed.pathology] if parsed.pathology else ()
         config.augment.bank = ""  # projection bank file; "" learns/uses the default one
 
         config.evaluate = ml_collections.ConfigDict()
@@ -128,6 +148,42 @@ def parse_options(options: list[str], arg: str) -> tuple[bool, str, str]:
         raise ValueError(f"unexpected config arguments {datasets + models} in {arg!r}")
     return ("quick" in options, datasets[0] if datasets else "sim_small",
             models[0] if models else "")
+
+
+# Values the study sets itself, per run (from the configuration's name and the folds) or from
+# its own keys (dataset, data_dir, data.spec, model): not among the study's overrides.
+PER_RUN_KEYS = ("configuration", "data.data_dir", "data.dataset", "data.species",
+                "data.extra_species", "data.outer_fold", "data.fold", "data.spec", "model.name",
+                "augment.source", "augment.pathology")
+
+
+def override_placeholders() -> ml_collections.ConfigDict:
+    """Every value of a run config except `PER_RUN_KEYS`, as an unset placeholder of its type.
+
+    The study config's ``overrides``: ``--config.overrides.augment.projection.p=0.5`` sets that
+    value in every run; misspelt keys are errors that name them (the config is locked).
+    """
+    def placeholders(section: ml_collections.ConfigDict, prefix: str):
+        result = ml_collections.ConfigDict()
+        for key, value in section.items():
+            if f"{prefix}{key}" in PER_RUN_KEYS:
+                continue
+            result[key] = (placeholders(value, f"{prefix}{key}.")
+                           if isinstance(value, ml_collections.ConfigDict)
+                           else config_dict.placeholder(type(value)))
+        return result
+
+    return placeholders(run_config("projected-malperfusion_pig2human"), "")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict
+                    ) -> None:
+    """Sets every value of `overrides` (nested like `config`) that is not None in `config`."""
+    for key, value in overrides.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            apply_overrides(config[key], value)
+        elif value is not None:
+            config[key] = value
 
 
 def config_from_arg(arg: str, kind: str) -> ml_collections.ConfigDict:

@@ -10,6 +10,7 @@ labels; then the transfer similarity of the transferred organs between the speci
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +26,20 @@ from xeno_jax.analysis.report import markdown_table
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.evaluate.perfusion import parameter_curves
 from xeno_jax.io import atomic_write
-from xeno_jax.labels import ICG_LABELS, MALPERFUSED_LABELS, SPECIES_12
-from xeno_jax.study import runs
+from xeno_jax.labels import ICG_LABELS, PATHOLOGY_LABELS, SPECIES_12
+from xeno_jax.study import datasets, runs
 from xeno_jax.study.configurations import parse_configuration
-from xeno_jax.study.study import Evaluation
 
 KIDNEY = SPECIES_12.name_to_index("kidney")
-PATHOLOGY_LABELS = {"malperfusion": MALPERFUSED_LABELS, "icg": ICG_LABELS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """One configuration scored on one test set."""
+
+    configuration: str
+    test_set: str
+    table: ScoreTable
 
 
 def _fmt(mean: float, low: float, high: float) -> str:
@@ -102,7 +110,7 @@ def difference_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
         if not parsed.is_projected or baseline is None:
             continue
         targets = [SPECIES_12.name_to_index(n) for n in PATHOLOGY_LABELS.get(
-            parsed.pathology.lower(), ())]
+            parsed.pathology, ())]
         xeno_all, base_all = (bootstrap_class_level(t, "dice") for t in (table, baseline))
         row = {"configuration": name, "test set": test_set,
                "delta class-mean DSC": f"{xeno_all.class_mean - base_all.class_mean:+.3f}"}
@@ -200,7 +208,7 @@ def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[st
     Its table (``analysis.md``, ``transfer.csv``) and figures go to `folder` (inside the
     report's ``figures``); returns the report's markdown lines, which link to them.
     """
-    species, states = set(), {runs.PHYSIOLOGICAL_SPLIT}
+    species, states = set(), {datasets.PHYSIOLOGICAL_SPLIT}
     for name in config.configurations:
         parsed = parse_configuration(name)
         if parsed.is_projected:
@@ -209,7 +217,7 @@ def spectral_section(config: ml_collections.ConfigDict, folder: Path) -> list[st
     if not species:
         return []
     species = sorted(species)
-    catalog = runs.catalog_for(species, config.dataset, config.data_dir, sorted(states))
+    catalog = datasets.ensure_catalog(species, config.dataset, config.data_dir, sorted(states))
     table = analysis.extract(catalog, catalog.records)
     text = analysis.write_analyses(table, species, folder, analyses=("transfer",))
     with atomic_write(folder / "analysis.md", text=True) as f:

@@ -6,7 +6,8 @@ an interrupted study resumes where it stopped and a repeated one reuses everythi
 1. datasets of every species involved (built when missing);
 2. projection banks of the projected configurations (method.md A2);
 3. the training runs: configurations x outer folds x inner folds (nested cross-validation,
-   method.md A8), each in ``<workdir>/runs/<configuration>/outer_<i>/fold_<k>``;
+   method.md A8), each in ``<workdir>/runs/<configuration>/outer_<i>/fold_<k>``, trained here,
+   by local worker processes or by cluster jobs (`xeno_jax.study.launch`);
 4. evaluation (method.md C3): each test set scored with its fold ensemble into
    ``<workdir>/scores/<configuration>/<test set>.npz``;
 5. the report ``<workdir>/report.md`` with its tables and figures.
@@ -15,7 +16,11 @@ Reuse is checked, never assumed: a finished run is reused only if its ``done.jso
 fingerprint of the run's current config (`xeno_jax.train.fingerprint`), and a configuration's
 score tables only if ``scores/<configuration>/fingerprint.json`` holds the fingerprints of the
 networks that are scored now. Anything else is a `StaleWorkError` naming the keys that differ,
-unless the study runs with ``reuse_stale``. The study locks its work directory while it runs.
+unless the study runs with ``reuse_stale``.
+
+Any number of study processes may run on one work directory (`xeno_jax.study.workdir`): each
+dataset, bank and run is made by one of them (a run is claimed; its training locks the run's
+directory), and one at a time scores and reports.
 
 Test sets of a configuration with target species T:
 
@@ -26,7 +31,6 @@ Test sets of a configuration with target species T:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -34,49 +38,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
-import numpy as np
 
-from xeno_jax.evaluate import ScoreTable, class_level
+from data_builders import SPECIES
+from xeno_jax.evaluate import ScoreTable
 from xeno_jax.io import atomic_write
-from xeno_jax.io.lock import workdir_lock
-from xeno_jax.study import runs
-from xeno_jax.study.configurations import SPECIES, Configuration, parse_configuration, run_config
+from xeno_jax.study import banks, datasets, evaluation, launch, runs
+from xeno_jax.study.configurations import Configuration, parse_configuration
+from xeno_jax.study.report import Evaluation, write_report
+from xeno_jax.study.workdir import exclusive
 from xeno_jax.train import fingerprint
 
 SCORES_FINGERPRINT = "fingerprint.json"
-
 TEST_SETS = ("physiological", "cross_species", "malperfusion", "icg")
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluation:
-    """One configuration scored on one test set."""
-
-    configuration: str
-    test_set: str
-    table: ScoreTable
-
-
-def run_configs(config: ml_collections.ConfigDict, configuration: str
-                ) -> list[tuple[int, int, ml_collections.ConfigDict]]:
-    """(outer, fold, run config) of every training run of a configuration in the study."""
-    base = run_config(configuration, quick=config.quick, dataset=config.dataset,
-                      model=config.get("model", ""))
-    with base.unlocked():
-        base.data.data_dir = str(config.data_dir)
-        base.data.spec = config.data.spec if "data" in config else ""
-    spec = Path(os.path.expanduser(base.data.spec)) if base.data.spec else None
-    if spec is not None and not spec.is_dir() and len(config.outer_folds) > 1:
-        raise ValueError(f"config.data.spec={base.data.spec} is one spec file, but the study has "
-                         f"outer folds {tuple(config.outer_folds)}: give a folder of the "
-                         "reference's spec files (one per species and outer fold)")
-    with base.unlocked():
-        for section, overrides in config.overrides.items():
-            for key, value in overrides.items():
-                if value is not None:  # unset placeholders keep the configuration's value
-                    base[section][key] = value
-    return [(outer, fold, runs.train_config_of(base, outer, fold))
-            for outer in config.outer_folds for fold in config.folds]
+REPORT_LOCK = "report.lock"
 
 
 def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) -> list[str]:
@@ -89,19 +63,6 @@ def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) ->
     if "cross_species" in test_sets:
         needed |= set(SPECIES)
     return sorted(needed)
-
-
-def train_all(config: ml_collections.ConfigDict, workdir: Path, *,
-              reuse_stale: bool = False) -> None:
-    """Trains every run of the study that has not finished (refusing stale finished runs)."""
-    for configuration in config.configurations:
-        for outer, fold, run in run_configs(config, configuration):
-            directory = runs.runs_root(workdir, configuration, outer, fold)
-            if runs.finished(run, directory, reuse_stale=reuse_stale):
-                logging.info("%s outer %d fold %d: done", configuration, outer, fold)
-                continue
-            logging.info("training %s, outer fold %d, fold %d", configuration, outer, fold)
-            runs.train_run(run, directory, reuse_stale=reuse_stale)
 
 
 def scores_fingerprint(workdir: Path, configuration: str,
@@ -124,7 +85,7 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
       StaleWorkError: if cached tables were made with other networks (unless `reuse_stale`).
     """
     parsed = parse_configuration(configuration)
-    trained = run_configs(config, configuration)
+    trained = launch.run_configs(config, configuration)
     folder = workdir / "scores" / configuration
     record = scores_fingerprint(workdir, configuration, trained)
     stored = folder / SCORES_FINGERPRINT
@@ -169,92 +130,89 @@ def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str
       batch_size: images per evaluation batch.
       examples: folder for ``examples_<test set>.npz`` with a few predictions (None: none).
     """
-    everyone = runs.predictor([(run, v) for _, run, v in models])
+    everyone = evaluation.predictor([(run, v) for _, run, v in models])
 
     def save_examples(catalog, images, predict):
         if examples is not None:
-            runs.save_examples(examples / f"examples_{test_set}.npz", catalog, images, predict)
+            evaluation.save_examples(examples / f"examples_{test_set}.npz", catalog, images,
+                                     predict)
 
     if test_set == "physiological":
-        catalog = runs.catalog_for([parsed.target], dataset, data_dir)
+        catalog = datasets.ensure_catalog([parsed.target], dataset, data_dir)
         tables = []
         for outer in sorted({o for o, _, _ in models}):
-            ensemble = runs.predictor([(run, v) for o, run, v in models if o == outer])
+            ensemble = evaluation.predictor([(run, v) for o, run, v in models if o == outer])
             run = next(run for o, run, _ in models if o == outer)  # its data spec: run.data.spec
-            spec = runs.outer_spec(catalog, parsed.target, outer, data_dir, dataset,
-                                   run.data.get("spec", ""))
+            spec = datasets.ensure_outer_spec(catalog, parsed.target, outer, data_dir, dataset,
+                                              run.data.get("spec", ""))
             test = catalog.select(spec.folds[0].test)
-            tables.append(runs.score_images(catalog, test, ensemble, batch_size))
+            tables.append(evaluation.score_images(catalog, test, ensemble, batch_size))
             if outer == min(o for o, _, _ in models):
                 save_examples(catalog, test, ensemble)
         return ScoreTable.concatenate(tables)
     if test_set == "cross_species":
         others = [s for s in SPECIES if s not in (parsed.target, *parsed.extra_species)]
-        catalog = runs.catalog_for(others, dataset, data_dir)
-        images = [r for s in others for r in runs.semantic_images(catalog, s)]
-        return runs.score_images(catalog, images, everyone, batch_size)
+        catalog = datasets.ensure_catalog(others, dataset, data_dir)
+        images = [r for s in others for r in datasets.semantic_images(catalog, s)]
+        return evaluation.score_images(catalog, images, everyone, batch_size)
     if test_set in ("malperfusion", "icg"):
-        catalog = runs.catalog_for([parsed.target], dataset, data_dir, (test_set,))
+        catalog = datasets.ensure_catalog([parsed.target], dataset, data_dir, (test_set,))
         images = catalog.filter(perfusion_state=test_set)
         if not images:
             return None
         save_examples(catalog, images, everyone)
         # Pathology tables (C1): DSC only, as the reference's perfusion and ICG scripts.
-        return runs.score_images(catalog, images, everyone, batch_size, metrics=("dice",))
+        return evaluation.score_images(catalog, images, everyone, batch_size, metrics=("dice",))
     raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-              reuse_stale: bool = False) -> Path:
-    """Runs (or resumes) the study and writes its report; returns the report's path.
+              launcher: str = "local", run: str | None = None,
+              reuse_stale: bool = False) -> Path | None:
+    """Runs (or resumes) the study and writes its report.
 
     Args:
-      config: the study config (experiments/configs/study.py).
-      workdir: the study's work directory, locked while the study runs.
+      config: the study config (``experiments/configs/study.py``).
+      workdir: the study's work directory; any number of study processes may share it.
+      launcher: where the runs train (`xeno_jax.study.launch`).
+      run: train only this run (``<configuration>/outer_<i>/fold_<k>``), then evaluate and
+        report if it was the last one missing.
       reuse_stale: reuse finished runs and score tables made with another config (logged as a
         warning) instead of refusing them.
 
+    Returns:
+      The report's path, or None when `run` left other runs to train.
+
     Raises:
-      WorkdirBusyError: if another process works in `workdir`.
       StaleWorkError: naming the keys that differ, for work made with another config.
     """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     unknown = set(config.test_sets) - set(TEST_SETS)
     if unknown:
         raise ValueError(f"config.test_sets: unknown {sorted(unknown)}; known: {TEST_SETS}")
-    with workdir_lock(workdir, "the study"):
-        return _run_study(config, Path(workdir), reuse_stale)
-
-
-def _run_study(config: ml_collections.ConfigDict, workdir: Path, reuse_stale: bool) -> Path:
-    from xeno_jax.study.report import write_report  # matplotlib only when reporting
-
-    logging.info("stage 1/5: datasets")
-    for species in species_involved(config.configurations, config.test_sets):
-        runs.ensure_dataset(species, config.dataset, config.data_dir)
-    logging.info("stage 2/5: projection banks")
-    for name in config.configurations:
-        parsed = parse_configuration(name)
-        if parsed.is_projected:
-            runs.ensure_bank(parsed.pathology, parsed.source, config.dataset, config.data_dir)
-    logging.info("stage 3/5: training")
-    train_all(config, workdir, reuse_stale=reuse_stale)
-    logging.info("stage 4/5: evaluation")
-    evaluations = [e for name in config.configurations
-                   for e in evaluate_configuration(config, name, workdir, reuse_stale=reuse_stale)]
-    logging.info("stage 5/5: report")
-    return write_report(config, workdir, evaluations)
-
-
-def evaluation_table(evaluations: Sequence[Evaluation], configuration: str, test_set: str
-                     ) -> ScoreTable | None:
-    for e in evaluations:
-        if e.configuration == configuration and e.test_set == test_set:
-            return e.table
-    return None
-
-
-def label_mean(table: ScoreTable, label: int, metric: str = "dice") -> float:
-    """Class-level mean of one label (image -> subject -> mean over subjects)."""
-    scores = class_level(table, metric)
-    rows = np.flatnonzero(scores.labels == label)
-    return float(scores.mean[rows[0]]) if rows.size else float("nan")
+    if run is not None:  # one run of a scheduler's array: it finds or makes what it needs
+        launch.train_runs(config, workdir, [launch.RunKey.parse(run)], reuse_stale=reuse_stale)
+        left = launch.pending_runs(config, workdir, reuse_stale=reuse_stale)
+        if left:
+            logging.info("%s done; %d runs left before evaluation", run, len(left))
+            return None
+    else:
+        logging.info("stage 1/5: datasets")
+        for species in species_involved(config.configurations, config.test_sets):
+            datasets.ensure_dataset(species, config.dataset, config.data_dir)
+        logging.info("stage 2/5: projection banks")
+        for name in config.configurations:
+            parsed = parse_configuration(name)
+            if parsed.is_projected:
+                banks.ensure_bank(parsed.pathology, parsed.source, config.dataset,
+                                  config.data_dir)
+        logging.info("stage 3/5: training")
+        launch.launch(config, workdir, launcher, reuse_stale=reuse_stale)
+    with exclusive(workdir / REPORT_LOCK):  # one process scores; the others then reuse
+        logging.info("stage 4/5: evaluation")
+        evaluations = [e for name in config.configurations
+                       for e in evaluate_configuration(config, name, workdir,
+                                                       reuse_stale=reuse_stale)]
+        logging.info("stage 5/5: report")
+        return write_report(config, workdir, evaluations)

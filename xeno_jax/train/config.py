@@ -66,9 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
     config.parallel.num_devices = 0  # devices of the one-axis "data" mesh; 0: all devices
 
     config.augment = ml_collections.ConfigDict()
-    # Augmentation preset, resolved by the caller (xeno_jax.augment.pipeline) into the
-    # `augment(key, batch) -> batch` function that `train` takes; "none" is the identity.
-    config.augment.preset = "none"
+    # Augmentation steps in order, each with a section of its values, which the caller turns
+    # into the `augment(key, batch) -> batch` that `train` takes
+    # (xeno_jax.augment.steps_from_config); () is the identity.
+    config.augment.steps = ()
 
     config.lock()
     return config

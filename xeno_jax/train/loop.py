@@ -180,6 +180,7 @@ def train(
     workdir: str,
     *,
     train_iter: ckpt.DataIterator,
+    mesh: jax.sharding.Mesh | None = None,
     model: Any = None,
     augment: AugmentFn = identity_augment,
     augment_data: Any = None,
@@ -194,6 +195,7 @@ def train(
         its latest checkpoint there and continues exactly from it (parameters, optimiser state,
         step, PRNG key, SWA average and the iterator's position).
       train_iter: the training data iterator (module docstring).
+      mesh: the data mesh `train_iter` was made for; None makes it from ``config.parallel``.
       model: a Flax module; None builds ``config.model``. Batch norm must be synchronised over
         the ``"data"`` axis (``build_model(..., axis_name="data")``).
       augment: the training augmentation (module docstring).
@@ -216,7 +218,7 @@ def train(
     """
     # ---- Set-up: mesh, model, schedule, optimiser ----------------------------------------
     validate_config(config)
-    mesh = make_mesh(config.parallel.num_devices)
+    mesh = make_mesh(config.parallel.num_devices) if mesh is None else mesh
     model = build_model(config.model, axis_name=DATA_AXIS) if model is None else model
     setup = training_setup(config, model, mesh)
     epoch_steps, total_steps = setup.epoch_steps, setup.total_steps
