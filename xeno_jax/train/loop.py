@@ -60,7 +60,6 @@ from xeno_jax.train.parallel import (
     data_parallel,
     fetch_replicated,
     make_mesh,
-    on_global_batch,
     put_replicated,
     replicated_sharding,
     shard_batch,
@@ -266,21 +265,15 @@ def train(
     bind_predictor = predictor((model,), mesh, backend=config.parallel.backend)
     augment_data = put_replicated(augment_data, mesh)
     rng = put_replicated(fetch_replicated(state.rng), mesh)  # the state's own copy is donated
-    run_augment = on_global_batch(augment_global, mesh)
 
-    def augment_args(key_step: int) -> tuple[Any, ...]:
-        return rng, put_replicated(np.int32(key_step), mesh), augment_data
-
-    def next_batch(key_step: int) -> dict[str, jax.Array]:
-        """The next global training batch, augmented with the key of step `key_step`."""
+    def on_next_batch(run_step: Callable[..., Any], replicated: Any, key_step: int) -> Any:
+        """`run_step` (made with ``prepare=augment_global`` when augmenting) on the next global
+        training batch, augmented with the key of step `key_step` in the same program."""
         batch = shard_batch(next(train_iter), mesh)
-        return run_augment(batch, *augment_args(key_step)) if augmented else batch
-
-    def train_one_step(state: TrainState, key_step: int) -> tuple[TrainState, dict]:
-        batch = shard_batch(next(train_iter), mesh)
-        if augmented:
-            return run_train_step(state, batch, augment_args(key_step))
-        return run_train_step(state, batch)
+        if not augmented:
+            return run_step(replicated, batch)
+        return run_step(replicated, batch,
+                        (rng, put_replicated(np.int32(key_step), mesh), augment_data))
 
     unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # steps whose flag is not read yet
 
@@ -304,7 +297,7 @@ def train(
     projected: list[jax.Array] = []  # pixels the projection changed, per step of this epoch
     try:
         for step in range(start_step + 1, total_steps + 1):  # step: steps done after this one
-            state, metrics = train_one_step(state, step - 1)
+            state, metrics = on_next_batch(run_train_step, state, step - 1)
             # The previous step's flag is read while this one runs. Had it failed, it left the
             # state unchanged, and this step's state is never checkpointed: it raises here.
             check_finite()
@@ -345,10 +338,12 @@ def train(
             # group norm normalises every image by its own statistics, so it needs no pass.
             if swa_schedule is not None and state.batch_stats:
                 run_statistics_step = parallel(
-                    functools.partial(batch_norm_statistics_step, model=model)
+                    functools.partial(batch_norm_statistics_step, model=model),
+                    prepare=augment_global if augmented else None,
                 )
-                state = _recompute_swa_batch_stats(state, next_batch, total_steps, epoch_steps,
-                                                   run_statistics_step)
+                state = _recompute_swa_batch_stats(
+                    state, total_steps, epoch_steps,
+                    functools.partial(on_next_batch, run_statistics_step))
             ckpt.save_checkpoint(manager, state, train_iter, config, record.to_json())
             if val_fn is not None and swa_schedule is not None:
                 results = val_fn(total_steps, bind_predictor([state.final_variables()]))
@@ -384,23 +379,24 @@ def _log_projected_pixels(writer: MetricsWriter, step: int, epoch: int,
 
 def _recompute_swa_batch_stats(
     state: TrainState,
-    next_batch: Callable[[int], Any],
     first_key_step: int,
     num_batches: int,
-    run_statistics_step: Callable[..., Any],
+    statistics_on_next_batch: Callable[[Any, int], Any],
 ) -> TrainState:
     """Batch-norm statistics of the SWA parameters, averaged over `num_batches` train batches.
 
     The reference's extra "batch-norm epoch" (PyTorch ``update_bn``): forward passes in training
     mode over one epoch of augmented training batches (augmentation keys of the steps from
-    `first_key_step` on), without optimiser updates.
+    `first_key_step` on), without optimiser updates. `statistics_on_next_batch(inputs,
+    key_step)` augments the next batch and computes its statistics in one program, as a training
+    step does.
     """
     variables = {"params": state.swa_params, "batch_stats": state.batch_stats}
     add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
     total = None
     for i in range(num_batches):
         step = first_key_step + i
-        stats = run_statistics_step((variables, state.rng, step), next_batch(step))
+        stats = statistics_on_next_batch((variables, state.rng, step), step)
         total = stats if total is None else add(total, stats)
     mean = jax.jit(lambda t: jax.tree.map(lambda x: x / num_batches, t))(total)
     return state.replace(swa_batch_stats=mean)
