@@ -1,9 +1,11 @@
 """Test set-up, before JAX is imported: eight fake CPU devices for the data-parallel paths.
 
-No persistent compilation cache: shared by the pytest-xdist workers and the subprocesses of the
-multi-process tests it saved compilations, but test workers died in CI and in clean-clone runs
-with "Fatal Python error: Aborted" inside a compiled program's first call (where a cached
-executable is loaded), and a crash in a test run is worse than a slower one."""
+Test workers have died with "Fatal Python error: Aborted" inside multi-device programs of the
+SWA batch-norm pass (in CI and in clean-clone runs, with and without a persistent compilation
+cache; cause not found). Two precautions: no persistent compilation cache shared between
+processes, and a long termination timeout of XLA's CPU collectives (by default XLA ends the
+process when the devices of one collective do not all arrive in time, which eight fake devices
+on two busy cores might not)."""
 
 import os
 
@@ -13,7 +15,10 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count=8".strip()
+    _flags = f"{_flags} --xla_force_host_platform_device_count=8"
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
+    _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=600"
+os.environ["XLA_FLAGS"] = _flags.strip()
 
 
 @pytest.fixture(scope="session")
