@@ -66,8 +66,9 @@ def main(argv):
         for name, study in studies:
             argv = [a for a in sys.argv if not a.startswith(("--sweep", "--nosweep"))]
             argv += [f"--sweep_point={name}"] if name else []
-            print("\n".join(launch.run_commands(argv, study, Path(_WORKDIR.value, name),
-                                                 reuse_stale=_REUSE_STALE.value)))
+            for command in launch.run_commands(argv, study, Path(_WORKDIR.value, name),
+                                               reuse_stale=_REUSE_STALE.value):
+                print(command)
         return
     common.start()
     for name, study in studies:

@@ -103,7 +103,7 @@ def xeno_augmentation(seed=0):
     weights = np.eye(NUM_CHANNELS) + rng.normal(0, 0.2, (pairs, NUM_CHANNELS, NUM_CHANNELS))
     biases = rng.normal(0, 0.01, (pairs, NUM_CHANNELS))
     bank = ProjectionBank.from_pairs({SPECIES_12.name_to_index("kidney"): (weights, biases)})
-    from xeno_jax.study.configurations import run_config
+    from experiments.configs.run import get_config as run_config
 
     steps = steps_from_config(run_config("projected-malperfusion_pig2human").augment)
     return build_pipeline(steps), bank

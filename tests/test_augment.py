@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from experiments.configs.run import get_config as run_config
 from xeno_jax.augment import (
     STEP_NAMES,
     affine_warp,
@@ -23,7 +24,6 @@ from xeno_jax.augment import (
     transplant_organs,
 )
 from xeno_jax.projections import ProjectionBank
-from xeno_jax.study.configurations import run_config
 
 B, H, W, C = 6, 8, 12, 5
 

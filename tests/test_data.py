@@ -411,8 +411,8 @@ def test_tfds_build_command_works_without_tensorflow(tmp_path):
 def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
     """``config.data.spec``: a spec in the reference's JSON format is the split source, and our
     exported specs re-import to the same folds."""
+    from experiments.configs.run import get_config as run_config
     from xeno_jax.study import datasets, runs
-    from xeno_jax.study.configurations import run_config
 
     _, data_dir = pig_tiny
     catalog = Catalog(["pig/sim_micro:physiological"], data_dir)
@@ -424,7 +424,7 @@ def test_reference_data_spec_gives_its_exact_folds(pig_tiny, tmp_path):
              for k in range(2)]
     path = tmp_path / "pig_reference_spec.json"
     path.write_text(json.dumps(folds))
-    config = run_config("baseline_pig", dataset="sim_micro")
+    config = run_config("baseline_pig,sim_micro")
     with config.unlocked():
         config.data.data_dir, config.data.spec, config.data.fold = str(data_dir), str(path), 1
     train, val = runs.training_images(config, catalog)

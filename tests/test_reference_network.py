@@ -16,6 +16,8 @@ import pytest
 from distributed_worker import InMemoryIterator, make_dataset, tiny_config
 from ml_collections import ConfigDict
 
+from experiments.configs import baseline
+from experiments.configs.run import get_config as run_config
 from xeno_jax.models import EfficientNetUNet, build_model, load_pretrained
 from xeno_jax.models.convert import (
     StateDictError,
@@ -28,7 +30,6 @@ from xeno_jax.models.convert import (
 )
 from xeno_jax.models.efficientnet import depthwise_conv
 from xeno_jax.study import evaluation
-from xeno_jax.study.configurations import config_from_arg, run_config
 from xeno_jax.train import train, validate_config
 from xeno_jax.train.parallel import fetch_replicated
 
@@ -282,11 +283,11 @@ def test_no_pickle_in_a_checkpoint_runs_code(tmp_path):
 
 
 def test_configs_select_the_reference_network():
-    config = config_from_arg("human,sim_full,unet_efficientnet_b5", "baseline")
+    config = baseline.get_config("human,sim_full,unet_efficientnet_b5")
     assert config.model.name == "unet_efficientnet_b5" and config.data.dataset == "sim_full"
     validate_config(config)
     assert isinstance(build_model(config.model), EfficientNetUNet)
-    quick = run_config("baseline_human", quick=True)
+    quick = run_config("baseline_human,quick")
     assert quick.model.name == "unet" and quick.model.variant == "tiny"
     from experiments.configs import study
 

@@ -36,13 +36,13 @@ import pytest
 import reliability_worker as worker
 from distributed_worker import NUM_CHANNELS, InMemoryIterator, make_dataset
 
+from experiments.configs.run import get_config as run_config
 from xeno_jax.augment.spectral import project_spectra_counted
 from xeno_jax.io.htc import write_blosc
 from xeno_jax.io.lock import WorkdirBusyError, workdir_lock
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.projections import ProjectionBank
 from xeno_jax.study import banks, runs
-from xeno_jax.study.configurations import run_config
 from xeno_jax.train import MetricsWriter, checkpoint_manager, train
 from xeno_jax.train import fingerprint as fp
 from xeno_jax.train.checkpoint import CorruptCheckpointError
@@ -99,7 +99,7 @@ def projected_config(tmp_path, pairs):
     eye = np.eye(NUM_CHANNELS, dtype=np.float32)[None]
     ProjectionBank.from_pairs({label: (eye, np.zeros((1, NUM_CHANNELS))) for label in pairs}
                               ).save(path)
-    config = run_config("projected-malperfusion_pig2human", quick=True)
+    config = run_config("projected-malperfusion_pig2human,quick")
     with config.unlocked():
         config.augment.bank = str(path)
         config.data.data_dir = str(tmp_path / "no_datasets_needed")
@@ -256,7 +256,7 @@ def test_a_second_process_is_refused_naming_the_holder(tmp_path):
         assert holder.stdout.readline().strip() == "locked"
         who = (r"in use by holding it for a test \(pid {} on host "
                + re.escape(socket.gethostname()))
-        run = run_config("baseline_human", quick=True, dataset="sim_tiny")
+        run = run_config("baseline_human,quick,sim_tiny")
         with run.unlocked():
             run.data.data_dir = str(tmp_path / "tfds")
         with pytest.raises(WorkdirBusyError, match=who.format(holder.pid)):

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from experiments.configs import study as study_config
+from experiments.configs.run import get_config as run_config
 from xeno_jax.data import evaluation_batches
 from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.study import banks, datasets, evaluation, launch, report, runs, sweeps
-from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration, run_config
+from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration
 from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
 from xeno_jax.study.workdir import is_claimed
 from xeno_jax.train.fingerprint import StaleWorkError
@@ -173,7 +174,7 @@ def test_finished_runs_and_banks_are_where_the_study_says(study):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGURATIONS)
 def test_every_paper_configuration_has_a_valid_config(name):
-    config = run_config(name, quick=True)
+    config = run_config(f"{name},quick")
     parsed = parse_configuration(name)
     assert config.data.species == parsed.target
     assert ("projection" in config.augment.steps) == parsed.is_projected
@@ -188,10 +189,31 @@ def test_overrides_reach_every_run_and_unset_ones_keep_the_configuration():
     with config.unlocked():
         config.overrides.train.epochs = 3
         config.overrides.model.dtype = "bfloat16"
-    plain = run_config("baseline_human", quick=True, dataset="sim_tiny")
+    plain = run_config("baseline_human,quick,sim_tiny")
     for _, _, run in launch.run_configs(config, "baseline_human"):
         assert run.train.epochs == 3 and run.model.dtype == "bfloat16"
         assert run.train.batch_size == plain.train.batch_size
+
+
+def test_the_study_makes_run_configs_with_the_run_config_file_it_names(tmp_path):
+    recipe = tmp_path / "my_run.py"
+    recipe.write_text(
+        "from experiments.configs import run\n\n\n"
+        "def get_config(arg):\n"
+        "    config = run.get_config(arg)\n"
+        "    config.augment.affine.degrees = 10.0\n"
+        "    return config\n")
+    config = study_config.get_config("demo,sim_tiny")
+    assert Path(config.run_config) == REPOSITORY / "experiments/configs/run.py"
+    with config.unlocked():
+        config.run_config = str(recipe)
+    for _, _, run in launch.run_configs(config, "projected-malperfusion_pig2human"):
+        assert run.augment.affine.degrees == 10.0 and run.augment.projection.p == 0.8
+        assert run.model.variant == "tiny" and run.data.dataset == "sim_tiny"
+    with config.unlocked():
+        config.run_config = str(tmp_path / "missing.py")
+    with pytest.raises(FileNotFoundError, match=r"missing\.py"):
+        launch.run_configs(config, "baseline_human")
 
 
 def test_unknown_configuration_is_an_error():
@@ -206,7 +228,7 @@ def test_unknown_configuration_is_an_error():
 def test_a_tiny_model_learns_and_beats_the_majority_class(study):
     """The quick model on simulated human images: loss falls; held-out pixels beat majority."""
     config, workdir, _ = study
-    run = runs.train_config_of(run_config("baseline_human", quick=True, dataset=config.dataset),
+    run = runs.train_config_of(run_config(f"baseline_human,quick,{config.dataset}"),
                                outer=0, fold=0)
     with run.unlocked():
         run.data.data_dir = config.data_dir
@@ -288,12 +310,8 @@ def test_a_killed_workers_run_is_taken_over_and_resumed(study, tmp_path):
 
     directory = launch.RunKey("baseline_human", 0, 0).directory(workdir)
     log = tmp_path / "killed.log"
-    # It reads the tests' persistent compilation cache but never writes it: a SIGKILL in the
-    # middle of writing an entry would leave it torn for every later process.
     worker = subprocess.Popen(commands[0], shell=True, start_new_session=True,
-                              stdout=log.open("w"), stderr=subprocess.STDOUT,
-                              env={**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS":
-                                   "1e9"})
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)
     def checkpoints():  # finished ones (orbax renames a step's folder when it is complete)
         return [int(p.name) for p in directory.glob("checkpoints/*") if p.name.isdigit()]
 
@@ -323,6 +341,38 @@ def test_a_killed_workers_run_is_taken_over_and_resumed(study, tmp_path):
     sessions = (directory / launch.CLAIMS_FILE).read_text().splitlines()
     assert [s.split(": ")[-1] for s in sessions] == ["start", f"resume from step {checkpoint}"]
     assert json.loads((directory / runs.DONE_FILE).read_text())["step"] == 40
+
+
+@SHARES_STUDY
+def test_print_runs_commands_run_one_by_one_give_the_same_study(study, tmp_path):
+    """The printed commands (baseline_human of the `study` fixture, two folds) run in turn:
+    each trains its run, the one that finishes the last run scores and reports, and the scores
+    are the single-process study's."""
+    config, workdir, _ = study
+    commands_workdir = tmp_path / "commands"
+    flags = [*STUDY_FLAGS, "--config.configurations=('baseline_human',)",
+             f"--config.data_dir={config.data_dir}", f"--workdir={commands_workdir}"]
+    print_runs = [sys.executable, "-m", "experiments.study", *flags, "--print_runs"]
+    printed = subprocess.run(print_runs, cwd=REPOSITORY, capture_output=True, text=True,
+                             check=True)
+    commands = printed.stdout.splitlines()
+    keys = [launch.RunKey("baseline_human", 0, fold) for fold in config.folds]
+    assert [c.rsplit("--run=", 1)[-1] for c in commands] == [str(k) for k in keys]
+    for i, command in enumerate(commands):
+        assert not (commands_workdir / "report.md").exists(), f"a report before run {i + 1}"
+        done = subprocess.run(command, shell=True, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        assert runs.is_done(keys[i].directory(commands_workdir))
+    assert (commands_workdir / "report.md").exists()
+    for test_set in config.test_sets:
+        ours, single = (ScoreTable.load(w / "scores/baseline_human" / f"{test_set}.npz")
+                        for w in (commands_workdir, workdir))
+        assert ours.to_dict().keys() == single.to_dict().keys()
+        for column, values in single.to_dict().items():
+            np.testing.assert_array_equal(ours.to_dict()[column], values, err_msg=column)
+    again = subprocess.run(print_runs, cwd=REPOSITORY, capture_output=True, text=True,
+                           check=True)
+    assert again.stdout == ""  # nothing is missing
 
 
 def test_sweeps_are_declared_in_the_config_file_and_name_misspelt_keys():

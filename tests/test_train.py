@@ -22,9 +22,9 @@ from distributed_worker import (
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
+from experiments.configs.run import get_config as run_config
 from xeno_jax.augment import build_pipeline, steps_from_config
 from xeno_jax.models import UNet
-from xeno_jax.study.configurations import run_config
 from xeno_jax.train import (
     MetricsWriter,
     NonFiniteLossError,

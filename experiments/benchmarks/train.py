@@ -51,12 +51,12 @@ from jax import lax
 
 from experiments.benchmarks.augment import near_identity_bank
 from experiments.benchmarks.input_pipeline import DATASET, SPLIT, build_dataset, load_average
+from experiments.configs.run import get_config as run_config
 from xeno_jax.augment import build_pipeline, steps_from_config
 from xeno_jax.data import Catalog, train_iterator
 from xeno_jax.labels import SPECIES_12
 from xeno_jax.models import build_model
 from xeno_jax.study import datasets
-from xeno_jax.study.configurations import run_config
 from xeno_jax.train import default_config
 from xeno_jax.train.loop import training_setup
 from xeno_jax.train.parallel import (

@@ -9,8 +9,9 @@ Argument: ``<species>[,quick][,<dataset>]``, e.g.::
       --config.data.data_dir=/data/tfds --workdir=runs/bh_real
 """
 
-from xeno_jax.study.configurations import config_from_arg
+from experiments.configs import run
 
 
 def get_config(arg: str = "human"):
-    return config_from_arg(arg, "baseline")
+    what, _, options = (arg or "").partition(",")
+    return run.get_config(f"baseline_{what},{options}")

@@ -6,8 +6,9 @@
       --workdir=runs/joint_quick
 """
 
-from xeno_jax.study.configurations import config_from_arg
+from experiments.configs import run
 
 
 def get_config(arg: str = "pig-p+rat-p2human"):
-    return config_from_arg(arg, "joint")
+    what, _, options = (arg or "").partition(",")
+    return run.get_config(f"joint_{what},{options}")

@@ -27,8 +27,11 @@ An interrupted study resumes: finished datasets, banks, runs and score tables ar
 Several study processes may share a work directory (experiments/study.py).
 """
 
+from pathlib import Path
+
 import ml_collections
 
+from experiments.configs import run
 from xeno_jax.study.configurations import (
     PAPER_CONFIGURATIONS,
     override_placeholders,
@@ -60,7 +63,10 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     # Values that replace those of every training run (unset: the run's own); every value of
     # a run config is here (but the study's own, above), e.g.
     # --config.overrides.augment.projection.p=0.5 or --config.overrides.model.dtype=bfloat16.
-    config.overrides = override_placeholders()
+    config.overrides = override_placeholders(run.get_config("projected-malperfusion_pig2human"))
+    # The file whose get_config("<configuration>[,quick][,<dataset>][,<model>]") gives each
+    # run's config (its values, before the overrides): the paper's recipe.
+    config.run_config = str(Path(run.__file__).resolve())
     # Where the runs train (python -m experiments.study --launcher=local|submitit).
     config.launcher = ml_collections.ConfigDict()
     config.launcher.workers = 1  # local: worker processes at once (1: the study process)

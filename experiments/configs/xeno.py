@@ -15,8 +15,10 @@ The projection bank is learnt from the source species' dataset (and stored next 
 ``config.augment.bank`` names a file (ours, or the reference's ``.blosc`` banks).
 """
 
-from xeno_jax.study.configurations import config_from_arg
+from experiments.configs import run
 
 
 def get_config(arg: str = "pig2human"):
-    return config_from_arg(arg, "xeno")
+    what, _, options = (arg or "").partition(",")
+    name = what if what.startswith("projected-") else f"projected-malperfusion_{what}"
+    return run.get_config(f"{name},{options}")

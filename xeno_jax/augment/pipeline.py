@@ -60,9 +60,8 @@ def steps_from_config(augment: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     """The steps a config's ``augment`` section names, each with the values of its section.
 
     ``augment.steps`` is the ordered tuple of step names; ``augment.<name>`` holds the keyword
-    arguments of that step (``experiments`` configs set the paper's values, see
-    `xeno_jax.study.configurations.run_config`). A projection step's empty ``target_labels``
-    means every label of the bank.
+    arguments of that step (``experiments/configs/run.py`` sets the paper's values). A
+    projection step's empty ``target_labels`` means every label of the bank.
 
     Raises:
       ValueError: for an unknown step name or a step without a section.

@@ -1,4 +1,4 @@
-"""The paper's training configurations (method.md A3) as ml_collections configs.
+"""The paper's training configurations (method.md A3) by name, and run configs from files.
 
 A configuration is named as the reference names its runs:
 
@@ -8,27 +8,25 @@ A configuration is named as the reference names its runs:
   projections;
 - ``joint_pig-p+rat-p2human``: human plus physiological pig and rat images.
 
-The files in ``experiments/configs`` build their configs with these functions.
-`run_config(name, quick=..., dataset=...)` returns the full config of one training run: the
-training sections of `xeno_jax.train.default_config` plus ``data`` (which images), ``augment``
-(the A4 pipeline and its projection bank) and ``evaluate``. ``quick`` shrinks the network and the
-schedule for a CPU (the demo); ``dataset`` is the builder config (``sim_small``, ``sim_full`` or
-``tivita``); ``model`` selects the network, e.g. ``unet_efficientnet_b5`` (the reference's).
+The values of a run live in a config file, ``experiments/configs/run.py`` by default: its
+``get_config("<configuration>[,quick][,<dataset>][,<model>]")`` returns the full config of one
+training run. `run_config` loads it from the file a study config names (``config.run_config``);
+`override_placeholders` and `apply_overrides` let a study set any of its values for every run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 import re
+import types
 
 import ml_collections
 from ml_collections import config_dict
 
-from xeno_jax.labels import PATHOLOGY_LABELS, SPECIES_12
 from xeno_jax.models import MODEL_NAMES
-from xeno_jax.train.config import default_config
 
-GEOMETRIC_STEPS = ("affine", "hflip", "vflip")
 PAPER_CONFIGURATIONS = (
     "baseline_human", "baseline_pig", "baseline_rat",
     "projected-malperfusion_rat2pig", "projected-malperfusion_pig2rat",
@@ -73,73 +71,6 @@ def parse_configuration(name: str) -> Configuration:
                      f"joint_<species>-p+...2<target>, e.g. {PAPER_CONFIGURATIONS}")
 
 
-def run_config(name: str, *, quick: bool = False, dataset: str = "sim_small",
-               model: str = "") -> ml_collections.ConfigDict:
-    """The locked config of one training run of configuration `name`.
-
-    `model` names the network (`xeno_jax.models.MODEL_NAMES`, e.g. "unet_efficientnet_b5",
-    the reference's); "" keeps the default: our U-Net, its tiny variant with `quick`.
-    """
-    parsed = parse_configuration(name)
-    if model and model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model!r}; known: {MODEL_NAMES}")
-    config = default_config()
-    with config.unlocked():
-        config.configuration = name
-        config.model.name = model or config.model.name
-
-        config.data = ml_collections.ConfigDict()
-        config.data.data_dir = "~/tensorflow_datasets"  # TFDS data directory
-        config.data.dataset = dataset  # builder config: sim_small | sim_full | tivita
-        config.data.species = parsed.target
-        config.data.extra_species = parsed.extra_species  # joint: physiological images added
-        config.data.outer_fold = 0  # nested cross-validation: outer fold (test set) ...
-        config.data.fold = 0  # ... and inner fold (train/val) of this run
-        # Data spec (reference JSON format): "" ours; a file; or a folder of the reference's
-        # spec files (<species>_semantic-only_5folds_nested-<outer>-2_mapping-12_seed-0.json).
-        config.data.spec = ""
-        config.data.num_threads = 4  # grain reader threads
-
-        # The A4 augmentation (method.md): the steps in order, then each step's values (the
-        # keyword arguments of its op in xeno_jax.augment; STEP_NAMES lists the steps).
-        config.augment.steps = (
-            (*GEOMETRIC_STEPS, "projection", "transplant", "l1_normalize") if parsed.is_projected
-            else (*GEOMETRIC_STEPS, "transplant"))
-        # Kornia RandomAffine as the reference: angle U[-degrees, degrees], shifts of up to
-        # translate x the image size, one isotropic scale; reflection padding.
-        config.augment.affine = ml_collections.ConfigDict(
-            {"p": 0.5, "degrees": 45.0, "translate": 0.0625, "scale": (0.9, 1.1)})
-        config.augment.hflip = ml_collections.ConfigDict({"p": 0.25})
-        config.augment.vflip = ml_collections.ConfigDict({"p": 0.25})
-        # Xeno-learning: each image with probability p gets every target label's spectra
-        # mapped by a random projection of that label (label_match), interpolated with the
-        # identity by a random weight; () targets every label of the bank.
-        config.augment.projection = ml_collections.ConfigDict({
-            "p": 0.8, "label_mode": "label_match", "interpolate": True,
-            "target_labels": PATHOLOGY_LABELS.get(parsed.pathology, ()),
-            "max_label": SPECIES_12.num_classes, "tile_size": 2048})
-        config.augment.l1_normalize = ml_collections.ConfigDict()  # the spectra again
-        # Organ transplantation: int(p * batch) donors, one organ each.
-        config.augment.transplant = ml_collections.ConfigDict(
-            {"p": 0.8, "num_classes": SPECIES_12.num_classes})
-        config.augment.source = parsed.source  # species whose projections are applied
-        config.augment.pathology = parsed.pathology  # malperfusion | ICG
-        config.augment.bank = ""  # projection bank file; "" learns/uses the default one
-
-        config.evaluate = ml_collections.ConfigDict()
-        config.evaluate.batch_size = 8
-
-        if quick:  # ~4 minutes per network on 2 CPU cores with sim_small
-            config.model.variant = "tiny"
-            config.train.epochs = 10
-            config.train.epoch_size = 800  # 1000 steps in all
-            config.train.learning_rate = 3e-3  # a short schedule for a small network
-            config.train.checkpoint_every_steps = 200
-            config.train.validate_every_epochs = 1000  # validation only at the end
-            config.train.log_every_steps = 20
-    return config
-
-
 def parse_options(options: list[str], arg: str) -> tuple[bool, str, str]:
     """``quick``, a dataset and a model name (`MODEL_NAMES`) from config-argument options."""
     models = [p for p in options if p in MODEL_NAMES]
@@ -157,8 +88,32 @@ PER_RUN_KEYS = ("configuration", "data.data_dir", "data.dataset", "data.species"
                 "augment.source", "augment.pathology")
 
 
-def override_placeholders() -> ml_collections.ConfigDict:
-    """Every value of a run config except `PER_RUN_KEYS`, as an unset placeholder of its type.
+def config_module(path: str | os.PathLike) -> types.ModuleType:
+    """The config file at `path` as a module (``path:argument`` is allowed)."""
+    path = os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        path = path.rsplit(":", 1)[0]  # a get_config argument after the file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    spec = importlib.util.spec_from_file_location(
+        f"_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_config(config_file: str | os.PathLike, name: str, *, quick: bool = False,
+               dataset: str = "sim_small", model: str = "") -> ml_collections.ConfigDict:
+    """The config of one run of configuration `name` from a run config file's ``get_config``
+    (``experiments/configs/run.py`` is the paper's recipe)."""
+    parse_configuration(name)  # a clear error for an unknown name
+    arg = ",".join([name, *(["quick"] if quick else []), dataset, *([model] if model else [])])
+    return config_module(config_file).get_config(arg)
+
+
+def override_placeholders(template: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every value of the run config `template` except `PER_RUN_KEYS`, as an unset placeholder
+    of its type.
 
     The study config's ``overrides``: ``--config.overrides.augment.projection.p=0.5`` sets that
     value in every run; misspelt keys are errors that name them (the config is locked).
@@ -173,7 +128,7 @@ def override_placeholders() -> ml_collections.ConfigDict:
                            else config_dict.placeholder(type(value)))
         return result
 
-    return placeholders(run_config("projected-malperfusion_pig2human"), "")
+    return placeholders(template, "")
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: ml_collections.ConfigDict
@@ -184,16 +139,3 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: ml_collections
             apply_overrides(config[key], value)
         elif value is not None:
             config[key] = value
-
-
-def config_from_arg(arg: str, kind: str) -> ml_collections.ConfigDict:
-    """Parses ``<what>[,quick][,<dataset>][,<model>]`` for baseline/xeno/joint configs."""
-    parts = [p for p in (arg or "").split(",") if p]
-    if not parts:
-        raise ValueError(f"{kind} config needs an argument, e.g. {kind}.py:human,quick")
-    quick, dataset, model = parse_options(parts[1:], arg)
-    what = parts[0]
-    name = {"baseline": f"baseline_{what}",
-            "xeno": what if what.startswith("projected-") else f"projected-malperfusion_{what}",
-            "joint": f"joint_{what}"}[kind]
-    return run_config(name, quick=quick, dataset=dataset, model=model)

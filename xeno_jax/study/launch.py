@@ -78,8 +78,8 @@ def study_runs(config: ml_collections.ConfigDict) -> list[RunKey]:
 def run_configs(config: ml_collections.ConfigDict, configuration: str
                 ) -> list[tuple[int, int, ml_collections.ConfigDict]]:
     """(outer, fold, run config) of every training run of a configuration in the study."""
-    base = run_config(configuration, quick=config.quick, dataset=config.dataset,
-                      model=config.get("model", ""))
+    base = run_config(config.run_config, configuration, quick=config.quick,
+                      dataset=config.dataset, model=config.get("model", ""))
     base.data.data_dir = str(config.data_dir)
     base.data.spec = config.data.spec if "data" in config else ""
     spec = Path(os.path.expanduser(base.data.spec)) if base.data.spec else None

@@ -15,7 +15,6 @@ sharing one data directory.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -23,16 +22,13 @@ from typing import Any
 
 import ml_collections
 
+from xeno_jax.study.configurations import config_module
+
 
 def points(config_file: str | os.PathLike) -> list[dict[str, Any]]:
     """The points of the ``sweep()`` of a config file (``path[:argument]``; ValueError if it
     has none)."""
-    config_file = str(config_file)
-    if not os.path.exists(config_file):
-        config_file = config_file.rsplit(":", 1)[0]  # the file's get_config argument
-    spec = importlib.util.spec_from_file_location("_swept_config", config_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module(config_file)
     if not hasattr(module, "sweep"):
         raise ValueError(f"{config_file} defines no sweep(); add one that returns a list of "
                          "{dotted config key: value} dicts")
