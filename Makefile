@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.demo --workdir=$(WORKDIR)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -q
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check xeno_jax data_builders experiments tests

@@ -27,8 +27,12 @@ def start() -> None:
 
 
 def resolve_study(config, workdir: str):
-    """A study config with its data directory defaulting to ``<workdir>/tfds``."""
-    if not config.data_dir:
-        with config.unlocked():
+    """A study config with its data directory defaulting to ``<workdir>/tfds`` and its run
+    config file as an absolute path (workers and jobs may start elsewhere)."""
+    with config.unlocked():
+        if not config.data_dir:
             config.data_dir = str(Path(workdir).resolve() / "tfds")
+        config.run_config = str(Path(config.run_config).expanduser().resolve())
+    if not Path(config.run_config).is_file():
+        raise FileNotFoundError(f"config.run_config: no run config file {config.run_config}")
     return config

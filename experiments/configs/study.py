@@ -19,6 +19,8 @@ network (``unet_efficientnet_b5``, the reference's; default our U-Net)::
       --config.outer_folds='(0,)' --config.folds='(0,1)' --workdir=study_icg
   python -m experiments.study --config=experiments/configs/study.py:demo \
       --config.overrides.train.epochs=2 --workdir=smoke
+  python -m experiments.study --config=experiments/configs/study.py:demo \
+      --config.run_config=my_recipe.py --workdir=my_recipe  # runs from another run.py
 
   python -m experiments.study --config=experiments/configs/study.py --workdir=/shared/study \
       --launcher=submitit --config.launcher.partition=gpu --config.launcher.mem_gb=96
