@@ -4,7 +4,8 @@ Renders the simulator figures, then runs the demo study (experiments/configs/stu
 builds the human and pig sim_small datasets if missing, learns pig malperfusion (kidney)
 projections, trains baseline_human and projected-malperfusion_pig2human with quick settings,
 evaluates both on human physiological and malperfused-kidney test images, writes
-<workdir>/report.md and prints its key table. A second run reuses everything.
+<workdir>/report.md and prints its key table and the full-label scores. A second run reuses
+everything.
 
   python -m experiments.demo --workdir=workdir
 """
@@ -30,9 +31,9 @@ def main(argv):
         logging.info("rendering the simulator figures")
         figures.render(workdir / "figures")
     report = run_study(common.resolve_study(study_config.get_config("demo"), str(workdir)), workdir)
-    text = report.read_text()
-    key = text[text.index("## Key results"):].split("\n## ")[0]
-    print("\n" + key.strip() + f"\n\nFull report: {report}\n")
+    sections = ["## " + part.strip() for part in report.read_text().split("\n## ")[1:]]
+    shown = [part for part in sections if part.startswith(("## Key results", "## Full labels"))]
+    print("\n" + "\n\n".join(shown) + f"\n\nFull report: {report}\n")
 
 
 if __name__ == "__main__":

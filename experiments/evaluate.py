@@ -24,6 +24,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import ml_collections
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -89,7 +90,7 @@ def main(argv):
         logging.info("scores: %s", _OUTPUT.value)
     evaluations = [Evaluation(config.configuration, _TEST_SET.value, table)]
     for metric in table.scores:
-        if metric not in evaluation.STO2_COLUMNS:
+        if metric not in evaluation.STO2_COLUMNS and not np.isnan(table.scores[metric]).all():
             print(f"\n{metric} ({_TEST_SET.value}, {len(models)} model(s), "
                   f"{len(set(table.image_name))} images), class level with 95% bootstrap CI:\n")
             print(class_table(evaluations, _TEST_SET.value, metric))

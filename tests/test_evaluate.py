@@ -50,6 +50,38 @@ def test_confusion_matrix_and_dice_match_hand_computed_case():
     np.testing.assert_allclose(evaluate.dice(PRED, REF, VALID, 3), DICE, rtol=1e-6)
 
 
+def test_full_label_scores_by_hand_and_against_numpy():
+    # Full labels: REF with its two invalid pixels given a class (one out of range: not counted).
+    full = np.where(VALID, REF, np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 12]]))
+    scores = evaluate.full_label_scores(PRED[None], full[None], 3)
+    counted = full < 3  # 11 pixels
+    for k in range(3):
+        truth, called = (full == k) & counted, (PRED == k) & counted
+        hits = np.sum(truth & called)
+        np.testing.assert_allclose(scores["full_precision"][0, k], hits / called.sum())
+        np.testing.assert_allclose(scores["full_recall"][0, k], hits / truth.sum())
+        np.testing.assert_allclose(scores["full_dice"][0, k],
+                                   2 * hits / (truth.sum() + called.sum()))
+        np.testing.assert_allclose(scores["full_false_share"][0, k],
+                                   np.sum(called & ~truth) / np.sum(counted & ~truth))
+    # By hand for class 1: truth (0,2),(0,3),(1,2),(1,3),(2,0); called (0,1),(0,2),(0,3),(1,3),
+    # (2,2): 3 hits; other pixels 11 - 5 = 6, of which (0,1) and (2,2) are called 1.
+    np.testing.assert_allclose([scores[m][0, 1] for m in evaluate.FULL_LABEL_METRICS],
+                               [6 / 10, 3 / 5, 3 / 5, 2 / 6])
+
+
+def test_an_organ_predicted_everywhere_has_low_full_label_precision():
+    full = np.zeros((1, 10, 10), int)
+    full[0, 4:6, 4:6] = 2  # a 4-pixel organ in other tissue
+    everywhere = np.full_like(full, 2)
+    scores = evaluate.full_label_scores(everywhere, full, 3)
+    polygon = evaluate.dice(everywhere, full, full == 2, 3)  # only the organ is annotated
+    assert float(polygon[0, 2]) == 1.0
+    np.testing.assert_allclose([scores[m][0, 2] for m in evaluate.FULL_LABEL_METRICS],
+                               [8 / 104, 4 / 100, 1.0, 1.0])
+    assert np.isnan(scores["full_precision"][0, 0])  # class 0 never predicted
+
+
 def test_invalid_pixels_never_count():
     rng = np.random.default_rng(0)
     pred, ref, valid = random_label_maps(rng)

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from experiments.configs import study as study_config
 from experiments.configs.run import get_config as run_config
 from xeno_jax.data import evaluation_batches
-from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
-from xeno_jax.labels import SPECIES_12
+from xeno_jax.evaluate import FULL_LABEL_METRICS, ScoreTable, bootstrap_class_level
+from xeno_jax.labels import ICG_LABELS, SPECIES_12
 from xeno_jax.study import banks, datasets, evaluation, launch, report, runs, sweeps
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration
 from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
@@ -56,8 +58,8 @@ def _formatted_numbers(tables: dict[tuple[str, str], ScoreTable]) -> set[str]:
     """Every value the report may print, recomputed from the saved score tables."""
     numbers = set()
     for table in tables.values():
-        for metric in ("dice", "nsd"):
-            if metric not in table.scores:
+        for metric in ("dice", "nsd", *FULL_LABEL_METRICS):
+            if metric not in table.scores or np.isnan(table.scores[metric]).all():
                 continue
             scores = bootstrap_class_level(table, metric)
             for values in (scores.mean, scores.ci_low, scores.ci_high):
@@ -67,6 +69,8 @@ def _formatted_numbers(tables: dict[tuple[str, str], ScoreTable]) -> set[str]:
             labels = scores.labels
             for label in labels:  # label means over subsets (kidney) via label_summary
                 numbers |= {f"{v:.3f}" for v in report.label_summary(table, [label], metric)}
+            icg = [SPECIES_12.name_to_index(n) for n in ICG_LABELS]
+            numbers |= {f"{v:.3f}" for v in report.label_summary(table, icg, metric)}
     for (name, test_set), table in tables.items():
         parsed = parse_configuration(name)
         baseline = tables.get((f"baseline_{parsed.target}", test_set))
@@ -85,7 +89,8 @@ def test_report_structure_and_computed_numbers(study):
     config, workdir, path = study
     text = path.read_text()
     for heading in ("# Xeno-learning study report", "## Key results",
-                    "## Xeno-learning minus baseline", "## Test set `physiological`",
+                    "## Xeno-learning minus baseline", "## Full labels",
+                    "## Test set `physiological`",
                     "## Test set `malperfusion`", "## Figures"):
         assert heading in text
     for name in config.configurations:
@@ -99,6 +104,32 @@ def test_report_structure_and_computed_numbers(study):
     # Every decimal in the tables is one of the recomputed values.
     printed = re.findall(r"[+-]?(\d\.\d{3})", text)
     assert printed and set(printed) <= allowed, sorted(set(printed) - allowed)[:10]
+
+
+@SHARES_STUDY
+def test_kidney_everywhere_scores_perfect_polygon_dsc_but_low_full_label_precision(study):
+    """On the simulated malperfused human images, a "network" that calls every pixel kidney
+    scores DSC 1 inside the polygon annotations; the report's full-label table shows both."""
+    config, _, _ = study
+    catalog = datasets.ensure_catalog(["human"], config.dataset, config.data_dir,
+                                      ("malperfusion",))
+    images = catalog.filter(perfusion_state="malperfusion")
+    assert images
+
+    def kidney_everywhere(features):
+        return np.broadcast_to(np.eye(SPECIES_12.num_classes)[report.KIDNEY],
+                               (*features.shape[:3], SPECIES_12.num_classes))
+
+    table = evaluation.score_images(catalog, images, kidney_everywhere, 8)
+    polygon, full_dice, precision, recall, false_share = (
+        report.label_summary(table, [report.KIDNEY], m)[0]
+        for m in ("dice", *FULL_LABEL_METRICS))
+    assert polygon == 1.0 and recall == 1.0 and false_share == 1.0
+    assert precision < 0.3 and full_dice < 0.5, (precision, full_dice)
+    (row,) = report.full_label_rows([report.Evaluation("kidney_everywhere", "malperfusion",
+                                                       table)])
+    assert row["DSC, annotation"].startswith("1.000 ")
+    assert row["precision"].startswith(f"{precision:.3f} ")
 
 
 @SHARES_STUDY
@@ -193,6 +224,59 @@ def test_overrides_reach_every_run_and_unset_ones_keep_the_configuration():
     for _, _, run in launch.run_configs(config, "baseline_human"):
         assert run.train.epochs == 3 and run.model.dtype == "bfloat16"
         assert run.train.batch_size == plain.train.batch_size
+
+
+def _flag_values(config_file: str, *args):
+    argv = ["prog", f"--config={config_file}", *args]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True,
+                                    sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def _changed(value):
+    """A value of the same type that differs from `value`."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return type(value)(value * 0.5 + 1)
+    if isinstance(value, str):
+        return value + "_x"
+    if isinstance(value, tuple):
+        return tuple(_changed(v) for v in value) if value else (1,)
+    raise TypeError(value)
+
+
+def test_every_augmentation_value_is_a_flag_of_a_run_and_of_the_study():
+    """Each value of the paper's augmentation recipe (run.py) set from the command line, on a
+    single run and through the study's overrides; a misspelt key names itself."""
+    recipe = run_config("projected-malperfusion_pig2human,quick")
+    leaves = {f"{step}.{key}": value for step in recipe.augment.steps
+              for key, value in recipe.augment[step].items()}
+    leaves["steps"] = recipe.augment.steps
+    assert len(leaves) > 12, leaves
+    as_flag = lambda v: repr(v) if isinstance(v, tuple) else str(v)
+    run_flags = [f"--config.augment.{k}={as_flag(_changed(v))}" for k, v in leaves.items()
+                 if k != "steps"] + ["--config.augment.steps=('projection','l1_normalize')"]
+    single = _flag_values(
+        "experiments/configs/run.py:projected-malperfusion_pig2human,quick", *run_flags)
+    study_flags = [f.replace("--config.augment.", "--config.overrides.augment.")
+                   for f in run_flags]
+    study = _flag_values("experiments/configs/study.py:demo", *study_flags)
+    (_, _, through_study), = launch.run_configs(study, "projected-malperfusion_pig2human")
+    for config in (single, through_study):
+        for key, value in leaves.items():
+            step, _, name = key.rpartition(".")
+            got = config.augment[step][name] if step else config.augment[name]
+            expected = ("projection", "l1_normalize") if key == "steps" else _changed(value)
+            assert expected != value and got == expected, (key, got, expected)
+    with pytest.raises(AttributeError, match="degres"):
+        _flag_values("experiments/configs/run.py:baseline_human",
+                     "--config.augment.affine.degres=10")
+    with pytest.raises(AttributeError, match="degres"):
+        _flag_values("experiments/configs/study.py:demo",
+                     "--config.overrides.augment.affine.degres=10")
 
 
 def test_the_study_makes_run_configs_with_the_run_config_file_it_names(tmp_path):

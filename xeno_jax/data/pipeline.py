@@ -99,7 +99,8 @@ def evaluation_batches(catalog: Catalog, records: Sequence[Record], batch_size: 
     Yields:
       ``(records of the batch without padding, {"features" L1 float32, "labels", "valid",
       "vendor_sto2" (the vendor's StO2 image of real data that has it, else NaN), and the
-      simulated "saturation" map if the dataset has one})``.
+      simulated "saturation" map and "labels_full" (every pixel's class) if the dataset has
+      them})``.
     """
     def read(record: Record) -> dict[str, np.ndarray]:
         example = catalog.read(record)
@@ -111,6 +112,8 @@ def evaluation_batches(catalog: Catalog, records: Sequence[Record], batch_size: 
                               else vendor)
         if "saturation" in example:
             row["saturation"] = np.asarray(example["saturation"], np.float32)
+        if "labels_full" in example:
+            row["labels_full"] = np.asarray(example["labels_full"], np.int32)
         return row
 
     records = list(records)

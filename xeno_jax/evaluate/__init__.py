@@ -13,6 +13,7 @@ from xeno_jax.evaluate.aggregate import (
 )
 from xeno_jax.evaluate.ensemble import average_probabilities, ensemble_predict
 from xeno_jax.evaluate.metrics import (
+    FULL_LABEL_METRICS,
     METRICS,
     NSD_TOLERANCES_SPECIES_12,
     average_surface_distance,
@@ -20,6 +21,7 @@ from xeno_jax.evaluate.metrics import (
     dice,
     dice_from_confusion_matrix,
     evaluate_images,
+    full_label_scores,
     normalized_surface_dice,
     nsd_tolerances,
     used_label_scores,
@@ -34,11 +36,11 @@ from xeno_jax.evaluate.perfusion import (
 )
 
 __all__ = [
-    "METRICS", "NSD_TOLERANCES_SPECIES_12", "BootstrapScores", "ClassScores", "ParameterCurves",
-    "ScoreTable", "SubjectScores", "average_probabilities", "average_surface_distance",
-    "bootstrap_class_level", "class_level", "confusion_matrix", "dice",
-    "dice_from_confusion_matrix", "ensemble_predict", "evaluate_images", "image_level",
-    "interpolate_on_grid", "median_per_label", "normalized_surface_dice", "nsd_tolerances",
-    "parameter_curves", "region_median", "relative_drop", "resample_mean", "used_label_scores",
-    "used_labels",
+    "FULL_LABEL_METRICS", "METRICS", "NSD_TOLERANCES_SPECIES_12", "BootstrapScores", "ClassScores",
+    "ParameterCurves", "ScoreTable", "SubjectScores", "average_probabilities",
+    "average_surface_distance", "bootstrap_class_level", "class_level", "confusion_matrix", "dice",
+    "dice_from_confusion_matrix", "ensemble_predict", "evaluate_images", "full_label_scores",
+    "image_level", "interpolate_on_grid", "median_per_label", "normalized_surface_dice",
+    "nsd_tolerances", "parameter_curves", "region_median", "relative_drop", "resample_mean",
+    "used_label_scores", "used_labels",
 ]

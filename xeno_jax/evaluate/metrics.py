@@ -181,6 +181,42 @@ def dice(pred, ref, valid, num_classes: int) -> jax.Array:
     return dice_from_confusion_matrix(confusion_matrix(pred, ref, valid, num_classes))
 
 
+FULL_LABEL_METRICS = ("full_dice", "full_precision", "full_recall", "full_false_share")
+
+
+def full_label_scores(pred, labels_full, num_classes: int) -> dict[str, np.ndarray]:
+    """Per-class scores against every pixel's true class, as simulated data knows it.
+
+    A polygon annotation marks one organ and leaves the rest invalid, so a prediction of that
+    organ everywhere scores DSC 1 on it; against full labels the same prediction has a low
+    precision and calls most other tissue that organ.
+
+    Args:
+      pred: predicted labels ``(B, H, W)``.
+      labels_full: every pixel's class, same shape; values >= `num_classes` are not counted.
+      num_classes: number of classes K.
+
+    Returns:
+      float64 ``(B, K)`` arrays (NaN where undefined): ``full_dice``, ``full_precision``
+      (TP / predicted), ``full_recall`` (TP / reference) and ``full_false_share`` (the share of
+      the pixels of other classes predicted as the class).
+    """
+    labels_full = jnp.asarray(labels_full)
+    valid = labels_full < num_classes
+    confusion = np.asarray(confusion_matrix(pred, jnp.where(valid, labels_full, 0), valid,
+                                            num_classes), np.float64)
+    hits = np.diagonal(confusion, axis1=-2, axis2=-1)
+    predicted, reference = confusion.sum(axis=-2), confusion.sum(axis=-1)
+    others = confusion.sum(axis=(-2, -1))[..., None] - reference
+
+    def ratio(numerator, denominator):
+        return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
+
+    return {"full_dice": ratio(2 * hits, predicted + reference),
+            "full_precision": ratio(hits, predicted), "full_recall": ratio(hits, reference),
+            "full_false_share": ratio(predicted - hits, others)}
+
+
 def used_labels(ref, valid, num_classes: int) -> jax.Array:
     """Which classes occur in the reference inside `valid` (the reference's ``used_labels``).
 

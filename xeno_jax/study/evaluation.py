@@ -10,7 +10,14 @@ import ml_collections
 import numpy as np
 
 from xeno_jax.data import Catalog, Record, evaluation_batches
-from xeno_jax.evaluate import ScoreTable, class_level, evaluate_images, nsd_tolerances
+from xeno_jax.evaluate import (
+    FULL_LABEL_METRICS,
+    ScoreTable,
+    class_level,
+    evaluate_images,
+    full_label_scores,
+    nsd_tolerances,
+)
 from xeno_jax.evaluate.perfusion import median_per_label
 from xeno_jax.io import atomic_write
 from xeno_jax.labels import SPECIES_12
@@ -45,6 +52,10 @@ def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_siz
                  metrics: Sequence[str] = ("dice", "nsd")) -> ScoreTable:
     """Per (image, label) scores of an ensemble on `records`, with each region's median StO2.
 
+    The rows are the annotated labels of each image, scored inside the annotation (`metrics`)
+    and, where the dataset knows every pixel's class (simulated data), against the full labels
+    too (`FULL_LABEL_METRICS`: DSC, precision, recall and the share of other tissue called the
+    label; NaN without full labels).
     NSD tolerances (pixels of 480 x 640 images) are scaled to the images' height; the median
     StO2 is over the region's pixels of the vendor's StO2 image where the dataset has the
     vendor's parameter images, else of the open re-implementation (`xeno_jax.spectra.sto2`).
@@ -64,13 +75,18 @@ def score_images(catalog: Catalog, records: Sequence[Record], predict, batch_siz
         index = np.where(has_vendor[:, None, None], vendor,
                          np.asarray(sto2(batch["features"][:n])))
         medians = np.asarray(median_per_label(index, labels, valid, SPECIES_12.num_classes))
+        full = (full_label_scores(np.argmax(probabilities, -1), batch["labels_full"][:n],
+                                  SPECIES_12.num_classes) if "labels_full" in batch
+                else dict.fromkeys(FULL_LABEL_METRICS, np.full(medians.shape, np.nan)))
         tables.append(ScoreTable.from_images(
             [r.image_name for r in batch_records], [r.subject for r in batch_records],
-            results["used_labels"], **{m: results[m] for m in metrics}, median_sto2=medians,
+            results["used_labels"], **{m: results[m] for m in metrics}, **full,
+            median_sto2=medians,
             vendor_sto2=np.broadcast_to(has_vendor[:, None], medians.shape).astype(float)))
     if not tables:
         return ScoreTable(np.array([], str), np.array([], str), np.array([], int),
-                          {m: np.array([]) for m in (*metrics, *STO2_COLUMNS)})
+                          {m: np.array([]) for m in (*metrics, *FULL_LABEL_METRICS,
+                                                      *STO2_COLUMNS)})
     return ScoreTable.concatenate(tables)
 
 

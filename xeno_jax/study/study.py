@@ -49,6 +49,7 @@ from xeno_jax.study.workdir import exclusive
 from xeno_jax.train import fingerprint
 
 SCORES_FINGERPRINT = "fingerprint.json"
+SCORES_VERSION = 2  # of the score tables' columns; 2: the full-label scores
 TEST_SETS = ("physiological", "cross_species", "malperfusion", "icg")
 REPORT_LOCK = "report.lock"
 
@@ -68,8 +69,9 @@ def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) ->
 def scores_fingerprint(workdir: Path, configuration: str,
                        trained: Sequence[tuple[int, int, ml_collections.ConfigDict]]
                        ) -> fingerprint.Fingerprint:
-    """The fingerprints (from ``done.json``) of the networks that score a configuration."""
-    values = {}
+    """The fingerprints (from ``done.json``) of the networks that score a configuration, and
+    the version of the score tables."""
+    values = {"scores_version": SCORES_VERSION}
     for outer, fold, _ in trained:
         done = runs.read_done(runs.runs_root(workdir, configuration, outer, fold))
         stored = (done.get("fingerprint") or {}).get("values", {})
