@@ -22,7 +22,6 @@ augmentation pipeline with the values of each step (``augment``), ``evaluate``, 
 import ml_collections
 
 from xeno_jax.labels import PATHOLOGY_LABELS, SPECIES_12
-from xeno_jax.models import MODEL_NAMES
 from xeno_jax.study.configurations import parse_configuration, parse_options
 from xeno_jax.train.config import default_config
 
@@ -35,8 +34,6 @@ def get_config(arg: str = "baseline_human") -> ml_collections.ConfigDict:
         raise ValueError("run config needs a configuration, e.g. run.py:baseline_human,quick")
     quick, dataset, model = parse_options(parts[1:], arg)
     parsed = parse_configuration(parts[0])
-    if model and model not in MODEL_NAMES:
-        raise ValueError(f"unknown model {model!r}; known: {MODEL_NAMES}")
     config = default_config()
     with config.unlocked():
         config.configuration = parsed.name

@@ -212,7 +212,7 @@ def full_label_scores(pred, labels_full, num_classes: int) -> dict[str, np.ndarr
     def ratio(numerator, denominator):
         return np.where(denominator > 0, numerator / np.maximum(denominator, 1), np.nan)
 
-    return {"full_dice": ratio(2 * hits, predicted + reference),
+    return {"full_dice": np.asarray(dice_from_confusion_matrix(confusion), np.float64),
             "full_precision": ratio(hits, predicted), "full_recall": ratio(hits, reference),
             "full_false_share": ratio(predicted - hits, others)}
 

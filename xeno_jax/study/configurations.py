@@ -106,7 +106,8 @@ def run_config(config_file: str | os.PathLike, name: str, *, quick: bool = False
                dataset: str = "sim_small", model: str = "") -> ml_collections.ConfigDict:
     """The config of one run of configuration `name` from a run config file's ``get_config``
     (``experiments/configs/run.py`` is the paper's recipe)."""
-    parse_configuration(name)  # a clear error for an unknown name
+    if model and model not in MODEL_NAMES:  # else parse_options reads it as a dataset
+        raise ValueError(f"unknown model {model!r}; known: {MODEL_NAMES}")
     arg = ",".join([name, *(["quick"] if quick else []), dataset, *([model] if model else [])])
     return config_module(config_file).get_config(arg)
 

@@ -121,9 +121,10 @@ def difference_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
     return rows
 
 
-FULL_LABEL_TEST_SETS = {"physiological": ("kidney",), "malperfusion": ("kidney",),
-                        "icg": ICG_LABELS}
-"""Test sets scored against full labels, with the organs the full-label table shows."""
+FULL_LABEL_TEST_SETS = {"physiological": ("kidney", ("kidney",)),
+                        "malperfusion": ("kidney", ("kidney",)),
+                        "icg": ("ICG organs", ICG_LABELS)}
+"""Test sets in the full-label table: the name of its organs and their labels."""
 
 
 def full_label_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
@@ -133,13 +134,12 @@ def full_label_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
     left out)."""
     rows = []
     for e in evaluations:
-        organs = FULL_LABEL_TEST_SETS.get(e.test_set)
         full = e.table.scores.get("full_dice")
-        if organs is None or full is None or np.isnan(full).all():
+        if e.test_set not in FULL_LABEL_TEST_SETS or full is None or np.isnan(full).all():
             continue
+        group, organs = FULL_LABEL_TEST_SETS[e.test_set]
         labels = [SPECIES_12.name_to_index(n) for n in organs]
-        row = {"configuration": e.configuration, "test set": e.test_set,
-               "organs": "kidney" if organs == ("kidney",) else "ICG organs"}
+        row = {"configuration": e.configuration, "test set": e.test_set, "organs": group}
         for title, metric in (("DSC, annotation", "dice"), ("DSC, full labels", "full_dice"),
                               ("precision", "full_precision"), ("recall", "full_recall"),
                               ("other tissue called the organ", "full_false_share")):
