@@ -51,8 +51,9 @@ def test_confusion_matrix_and_dice_match_hand_computed_case():
 
 
 def test_full_label_scores_by_hand_and_against_numpy():
-    # Full labels: REF with its two invalid pixels given a class (one out of range: not counted).
-    full = np.where(VALID, REF, np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 12]]))
+    # Full labels: REF with its two invalid pixels given a class (one out of range: not counted),
+    # so that predicted and true pixel counts differ for classes 1 and 2.
+    full = np.where(VALID, REF, np.array([[0, 0, 0, 0], [0, 0, 0, 0], [2, 0, 0, 12]]))
     scores = evaluate.full_label_scores(PRED[None], full[None], 3)
     counted = full < 3  # 11 pixels
     for k in range(3):
@@ -64,10 +65,13 @@ def test_full_label_scores_by_hand_and_against_numpy():
                                    2 * hits / (truth.sum() + called.sum()))
         np.testing.assert_allclose(scores["full_false_share"][0, k],
                                    np.sum(called & ~truth) / np.sum(counted & ~truth))
-    # By hand for class 1: truth (0,2),(0,3),(1,2),(1,3),(2,0); called (0,1),(0,2),(0,3),(1,3),
-    # (2,2): 3 hits; other pixels 11 - 5 = 6, of which (0,1) and (2,2) are called 1.
+    # By hand for class 1: truth (0,2),(0,3),(1,2),(1,3); called (0,1),(0,2),(0,3),(1,3),(2,2):
+    # 3 hits; other pixels 11 - 4 = 7, of which (0,1) and (2,2) are called 1.
     np.testing.assert_allclose([scores[m][0, 1] for m in evaluate.FULL_LABEL_METRICS],
-                               [6 / 10, 3 / 5, 3 / 5, 2 / 6])
+                               [6 / 9, 3 / 5, 3 / 4, 2 / 7])
+    # Class 2: truth (1,1),(2,0),(2,1),(2,2); called (1,1),(1,2),(2,1): 2 hits.
+    np.testing.assert_allclose([scores[m][0, 2] for m in evaluate.FULL_LABEL_METRICS],
+                               [4 / 7, 2 / 3, 2 / 4, 1 / 7])
 
 
 def test_an_organ_predicted_everywhere_has_low_full_label_precision():
