@@ -8,6 +8,19 @@ subclasses `SpeciesBuilder` and lists its experiments as `SimulatedSet`s. Three 
 - ``sim_tiny``: simulated 32 x 40 images, one per subject (tests and smoke runs);
 - ``tivita``: real Tivita data from ``manual_dir`` in the reference (htc) layout.
 
+Diverged configs, for sweeps of how far the species' pathological responses lie apart, are
+named ``<base>-divergence<d>-from-<source>``, e.g. ``sim_small-divergence0.5-from-pig``
+(`diverged_config_name`): a simulated base config whose pathological images (every state but
+``physiological``) are simulated with ``simulate.with_response_divergence(species, source, d)``
+(0: the source species' perfusion responses on this species' physiology, 1: its own, above 1
+further apart). Image names, subjects and the physiological split are the base config's, byte
+for byte, and divergence 1 gives the base config's pathological images too. ``d`` is written
+as a plain decimal without superfluous digits (``0``, ``0.5``, ``1``, ``2.25``), so one
+divergence has one name and one dataset folder. Such configs are not listed in
+``BUILDER_CONFIGS``; the builders resolve any such name (`SpeciesBuilder.get_builder_config`),
+so ``tfds.builder("human/sim_small-divergence0.5-from-pig")`` works once the species' builder
+is imported (`data_builders.builder` imports it), and a built one reads from its files alone.
+
 Examples are written as ArrayRecord files and read with ``tfds.data_source``; neither needs
 TensorFlow. Splits are perfusion states (``physiological``, ``malperfusion``, ``icg``, ...); the
 ``experiment`` feature tells which experiment an image comes from (``semantic`` for the
@@ -31,6 +44,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import math
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +130,11 @@ class SpeciesConfig(tfds.core.BuilderConfig):
       paper_counts: simulate the paper's numbers of subjects and images (``sim_full``).
       max_images_per_subject: cap on each subject's images in a set (keeps every subject).
       max_images_per_set: cap on the images of each simulated set (tests, previews).
+      response_source: simulated configs: the species whose perfusion responses the
+        pathological images' responses are placed relative to (None: the species' own
+        responses; diverged configs, `diverged_config_name`).
+      response_divergence: with `response_source`: the ``response_divergence`` of
+        `simulate.with_response_divergence` (0: the source's responses, 1: the species' own).
     """
 
     source: str = "simulated"
@@ -123,6 +143,8 @@ class SpeciesConfig(tfds.core.BuilderConfig):
     paper_counts: bool = False
     max_images_per_subject: int | None = None
     max_images_per_set: int | None = None
+    response_source: str | None = None
+    response_divergence: float = 1.0
 
 
 SIM_SMALL = SpeciesConfig(name="sim_small", height=64, width=80,
@@ -136,6 +158,77 @@ SIM_TINY = SpeciesConfig(name="sim_tiny", height=32, width=40, max_images_per_su
 TIVITA = SpeciesConfig(name="tivita", source="tivita", description="Real Tivita data from "
                        "manual_dir, in the reference (htc) dataset layout; the image size is "
                        "the cubes' (480 x 640 for the camera).")
+
+DIVERGENCE_MARK = "-divergence"
+_DIVERGED_NAME = re.compile(r"^(?P<base>.*?)-divergence(?P<value>.*)-from-(?P<source>.*)$")
+_PLAIN_DECIMAL = re.compile(r"^\d+(\.\d+)?$")
+
+
+def divergence_text(response_divergence: float) -> str:
+    """The spelling of a divergence in config names: a plain decimal without superfluous
+    digits (``0``, ``0.5``, ``1``, ``2.25``; the shortest that reads back as the same float)."""
+    value = float(response_divergence)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"response divergence {response_divergence!r}: expected a finite "
+                         f"number >= 0 (0: the source's responses, 1: the species' own)")
+    return np.format_float_positional(value, trim="-")
+
+
+def diverged_config_name(base: str, response_divergence: float, source: str) -> str:
+    """``<base>-divergence<d>-from-<source>``, e.g. ``sim_small-divergence0.5-from-pig``."""
+    return f"{base}{DIVERGENCE_MARK}{divergence_text(response_divergence)}-from-{source}"
+
+
+def parse_diverged_config(name: str, species: str,
+                          configs: list[SpeciesConfig]) -> SpeciesConfig | None:
+    """The config a diverged name stands for (`diverged_config_name`) for a builder of
+    `species` with the base configs `configs`; None for a name without ``-divergence``.
+
+    Raises:
+      ValueError: naming the bad part and what is expected (unknown or real-data base
+        config, a divergence that is negative or not a plain decimal, an unknown source
+        species or the dataset's own).
+    """
+    if DIVERGENCE_MARK not in name:
+        return None
+    what = f"dataset config {name!r} of {species!r}"
+    simulated = {c.name: c for c in configs if c.source == "simulated"}
+    match = _DIVERGED_NAME.match(name)
+    if not match:
+        raise ValueError(f"{what}: expected '<base>-divergence<d>-from-<source>', e.g. "
+                         f"'{diverged_config_name('sim_small', 0.5, 'pig')}'")
+    base, value, source = match["base"], match["value"], match["source"]
+    if base not in simulated:
+        known = {c.name for c in configs}
+        why = "is real data" if base in known else "is unknown"
+        raise ValueError(f"{what}: base config {base!r} {why}; expected a simulated config: "
+                         f"{sorted(simulated)}")
+    try:
+        divergence = float(value)
+    except ValueError:
+        divergence = math.nan
+    if divergence < 0:
+        raise ValueError(f"{what}: response divergence {value} is negative; expected a number "
+                         f">= 0 (0: the source's responses, 1: the species' own)")
+    if not _PLAIN_DECIMAL.match(value) or divergence_text(divergence) != value:
+        hint = (f" (write it {divergence_text(divergence)!r})" if _PLAIN_DECIMAL.match(value)
+                else "")
+        raise ValueError(f"{what}: response divergence {value!r}: expected a number >= 0 "
+                         f"written as a plain decimal without superfluous digits, e.g. '0', "
+                         f"'0.5', '1', '2.25'{hint}")
+    names = simulate.species_names()
+    if source not in names:
+        raise ValueError(f"{what}: unknown source species {source!r}; expected one of "
+                         f"{[n for n in names if n != species]}")
+    if source == species:
+        raise ValueError(f"{what}: the source species is the dataset's own species "
+                         f"{species!r}; expected another: {[n for n in names if n != species]}")
+    return dataclasses.replace(
+        simulated[base], name=name, response_source=source, response_divergence=divergence,
+        description=f"{simulated[base].description} Pathological responses at response "
+                    f"divergence {value} from the {source}'s (0: the {source}'s responses, 1: "
+                    f"the {species}'s own); the physiological images are {base}'s.")
+
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 For the `tivita` config, point `manual_dir` at a dataset in the reference (htc) layout:
@@ -197,7 +290,18 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """Args: real_data: options of the ``tivita`` build; kwargs: TFDS's."""
         self.real_data = real_data or self.DEFAULT_REAL_DATA
         self._beam = False  # set by download_and_prepare
+        self._pathological_species = None  # made on first use (`simulated_species`)
         super().__init__(**kwargs)
+
+    @classmethod
+    def get_builder_config(cls, name: str, version=None) -> SpeciesConfig | None:
+        """TFDS's look-up of a config by name, which also resolves diverged configs
+        (``sim_small-divergence0.5-from-pig``, `parse_diverged_config`; a bad one raises a
+        ValueError saying what is wrong)."""
+        config = super().get_builder_config(name, version)
+        if config is None and cls.SPECIES:
+            config = parse_diverged_config(name, cls.SPECIES, cls.BUILDER_CONFIGS)
+        return config
 
     def __reduce__(self):
         """Pickled by species name and TFDS's constructor arguments, so that a Beam worker
@@ -327,14 +431,30 @@ class SpeciesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                                  f"on different organs")
         return found
 
+    def simulated_species(self, state: str) -> simulate.Species:
+        """The `Species` that simulates images of a perfusion state: the species' own, or for
+        the pathological states of a diverged config (`SpeciesConfig.response_source`) its
+        responses placed relative to the source's (`simulate.with_response_divergence`)."""
+        own = simulate.get_species(self.SPECIES)
+        config = self.builder_config
+        # Divergence 1 is the species' own responses exactly (the interpolation is not).
+        if state == "physiological" or config.response_source is None or (
+                config.response_divergence == 1):
+            return own
+        if self._pathological_species is None:
+            self._pathological_species = simulate.with_response_divergence(
+                own, simulate.get_species(config.response_source), config.response_divergence)
+        return self._pathological_species
+
     def image_spec(self, set_number: int, simulated: SimulatedSet, subject: int, index: int):
-        """The simulator key and `Spec` of one image (a pure function of its identity)."""
+        """The simulator key and `Spec` of one image (a pure function of its identity; the
+        identity, and so the key, of a diverged config's image is its base config's)."""
         species = simulate.get_species(self.SPECIES)
         rng = np.random.default_rng(
             [DATASET_SEED, int(species.species_id), set_number, subject, index])
         focus = simulated.focus[index % len(simulated.focus)]
         spec = simulate.make_spec(
-            self.SPECIES, subject=subject, state=simulated.state,
+            self.simulated_species(simulated.state), subject=subject, state=simulated.state,
             severity=float(rng.uniform(*simulated.severity)),
             minutes=float(rng.uniform(*simulated.minutes)),
             icg_dose_mg_kg=float(rng.uniform(*simulated.icg_dose_mg_kg)), focus=focus,
