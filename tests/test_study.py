@@ -20,10 +20,13 @@ from experiments.configs import study as study_config
 from experiments.configs.run import get_config as run_config
 from xeno_jax.data import evaluation_batches
 from xeno_jax.evaluate import FULL_LABEL_METRICS, ScoreTable, bootstrap_class_level
-from xeno_jax.labels import ICG_LABELS, SPECIES_12
+from xeno_jax.labels import SPECIES_12
+from xeno_jax.projections import ProjectionBank
+from xeno_jax.spectra import sto2
 from xeno_jax.study import banks, datasets, evaluation, launch, report, runs, sweeps
+from xeno_jax.study import study as study_module
 from xeno_jax.study.configurations import PAPER_CONFIGURATIONS, parse_configuration
-from xeno_jax.study.study import SCORES_FINGERPRINT, run_study
+from xeno_jax.study.study import SCORES_FINGERPRINT, TEST_SETS, run_study
 from xeno_jax.study.workdir import is_claimed
 from xeno_jax.train.fingerprint import StaleWorkError
 
@@ -31,8 +34,14 @@ pytestmark = pytest.mark.slow
 # Tests that use the `study` fixture run on one xdist worker, so it is made once.
 SHARES_STUDY = pytest.mark.xdist_group("study")
 REPOSITORY = Path(__file__).resolve().parents[1]
+# The `study` fixture: the demo's transfer, baseline and rule (the random control trains like
+# the transfer; tests below check its maps), each network scored alone too.
+STUDY_CONFIGURATIONS = ("baseline_human", "projected-malperfusion_pig2human",
+                        "rule-malperfusion_pig2human")
 # The `study` fixture's settings as flags of `python -m experiments.study`.
 STUDY_FLAGS = ("--config=experiments/configs/study.py:demo,sim_tiny", "--config.folds=(0,1)",
+               f"--config.configurations={STUDY_CONFIGURATIONS}",
+               "--config.network_scores=True",
                "--config.overrides.train.epochs=1", "--config.overrides.train.epoch_size=16")
 
 
@@ -42,6 +51,8 @@ def study(tmp_path_factory):
     config = study_config.get_config("demo,sim_tiny")
     with config.unlocked():
         config.data_dir = str(workdir / "tfds")
+        config.configurations = STUDY_CONFIGURATIONS
+        config.network_scores = True
         config.folds = (0, 1)
         config.overrides.train.epochs = 1
         config.overrides.train.epoch_size = 16  # two steps of 8 images
@@ -54,56 +65,167 @@ def _study_process(flags, log: Path, **kwargs) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, **kwargs)
 
 
-def _formatted_numbers(tables: dict[tuple[str, str], ScoreTable]) -> set[str]:
-    """Every value the report may print, recomputed from the saved score tables."""
-    numbers = set()
-    for table in tables.values():
-        for metric in ("dice", "nsd", *FULL_LABEL_METRICS):
-            if metric not in table.scores or np.isnan(table.scores[metric]).all():
-                continue
-            scores = bootstrap_class_level(table, metric)
-            for values in (scores.mean, scores.ci_low, scores.ci_high):
-                numbers |= {f"{v:.3f}" for v in values}
-            numbers |= {f"{v:.3f}" for v in (scores.class_mean, scores.class_mean_ci_low,
-                                              scores.class_mean_ci_high)}
-            labels = scores.labels
-            for label in labels:  # label means over subsets (kidney) via label_summary
-                numbers |= {f"{v:.3f}" for v in report.label_summary(table, [label], metric)}
-            icg = [SPECIES_12.name_to_index(n) for n in ICG_LABELS]
-            numbers |= {f"{v:.3f}" for v in report.label_summary(table, icg, metric)}
-    for (name, test_set), table in tables.items():
-        parsed = parse_configuration(name)
-        baseline = tables.get((f"baseline_{parsed.target}", test_set))
-        if parsed.is_projected and baseline is not None:
-            xeno, base = (bootstrap_class_level(t, "dice") for t in (table, baseline))
-            numbers.add(f"{abs(xeno.class_mean - base.class_mean):.3f}")
-            kidney = [report.KIDNEY]
-            delta = (report.label_summary(table, kidney)[0]
-                     - report.label_summary(baseline, kidney)[0])
-            numbers.add(f"{abs(delta):.3f}")
-    return numbers
+def _markdown_tables(text: str) -> dict[str, list[dict[str, str]]]:
+    """Every table of a report by its heading (``<heading> DSC`` / ``NSD`` for test sets)."""
+    tables, heading, lines, i = {}, "", text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        elif line in ("DSC:", "NSD:"):
+            heading = f"{heading.split(' (')[0]} ({line[:-1]})"
+        elif line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            header = [c.strip() for c in line.strip("|").split("|")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(header, (c.strip() for c in lines[i].strip("|").split("|")),
+                                     strict=True)))
+                i += 1
+            assert heading not in tables, f"two tables under {heading!r}"
+            tables[heading] = rows
+            continue
+        i += 1
+    return tables
+
+
+def _summary(table: ScoreTable, organs, metric: str) -> tuple[float, float, float]:
+    """Class-level mean over `organs` and its subject-bootstrap interval, recomputed."""
+    scores = bootstrap_class_level(table, metric)
+    rows = np.flatnonzero(np.isin(scores.labels, [SPECIES_12.name_to_index(n) for n in organs]))
+    samples = np.nanmean(scores.bootstrap_means[:, rows], axis=1)
+    return (float(np.mean(scores.mean[rows])), float(np.nanpercentile(samples, 2.5)),
+            float(np.nanpercentile(samples, 97.5)))
+
+
+def _interval(mean, low, high) -> str:
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]" if np.isfinite(mean) else "n/a"
+
+
+# The key table's columns as the report must compute them: (test set, organs, metric).
+KEY_COLUMNS = {
+    "kidney DSC, physiological": ("physiological", ("kidney",), "dice"),
+    "kidney DSC, malperfused": ("malperfusion", ("kidney",), "dice"),
+    "kidney DSC, malperfused, full labels": ("malperfusion", ("kidney",), "full_dice"),
+    "kidney precision, malperfused, full labels": ("malperfusion", ("kidney",),
+                                                   "full_precision"),
+    "other tissue called kidney, physiological": ("physiological", ("kidney",),
+                                                  "full_false_share"),
+}
+FULL_COLUMNS = {"DSC, annotation": "dice", "DSC, full labels": "full_dice",
+                "precision": "full_precision", "recall": "full_recall",
+                "other tissue called the organ": "full_false_share"}
+
+
+def _check_rows(printed: list[dict[str, str]], expected: dict[tuple, dict[str, str]],
+                keys: tuple[str, ...], what: str) -> None:
+    """Every printed row is an expected one, cell by cell (each expected cell printed)."""
+    assert len(printed) == len(expected), (what, printed)
+    for row in printed:
+        key = tuple(row[k] for k in keys)
+        assert key in expected, (what, key)
+        for column, value in expected[key].items():
+            assert row.get(column) == value, (what, key, column, row.get(column), value)
 
 
 @SHARES_STUDY
 def test_report_structure_and_computed_numbers(study):
+    """Every table of the report, cell by cell (sign, column and row), against values
+    recomputed here from the saved score tables."""
     config, workdir, path = study
     text = path.read_text()
     for heading in ("# Xeno-learning study report", "## Key results",
-                    "## Xeno-learning minus baseline", "## Full labels",
-                    "## Test set `physiological`",
-                    "## Test set `malperfusion`", "## Figures"):
+                    "## Xeno-learning minus its controls", "## Across networks",
+                    "## Transfers and controls minus baseline", "## Full labels",
+                    "## Test set `physiological`", "## Test set `malperfusion`", "## Figures"):
         assert heading in text
-    for name in config.configurations:
-        assert f"| {name} |" in text
     for figure in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (workdir / figure).stat().st_size > 0
+    names = config.configurations
     tables = {(name, test): ScoreTable.load(workdir / "scores" / name / f"{test}.npz")
-              for name in config.configurations for test in config.test_sets}
+              for name in names for test in config.test_sets}
     assert all(len(t) for t in tables.values())
-    allowed = _formatted_numbers(tables)
-    # Every decimal in the tables is one of the recomputed values.
-    printed = re.findall(r"[+-]?(\d\.\d{3})", text)
-    assert printed and set(printed) <= allowed, sorted(set(printed) - allowed)[:10]
+    printed = _markdown_tables(text)
+
+    key = {}
+    for name in names:
+        row = {"role": parse_configuration(name).role}
+        for column, (test_set, organs, metric) in KEY_COLUMNS.items():
+            row[column] = _interval(*_summary(tables[name, test_set], organs, metric))
+        scores = bootstrap_class_level(tables[name, "physiological"], "dice")
+        row["class-mean DSC, physiological"] = _interval(
+            scores.class_mean, scores.class_mean_ci_low, scores.class_mean_ci_high)
+        key[name,] = row
+    _check_rows(printed["Key results"], key, ("configuration",), "key results")
+
+    def mean(name, test_set, organs, metric):
+        return _summary(tables[name, test_set], organs, metric)[0]
+
+    xeno = "projected-malperfusion_pig2human"
+    controls = {}
+    for control in ("baseline_human", "rule-malperfusion_pig2human"):
+        controls[xeno, control] = {
+            column: f"{mean(xeno, *spec) - mean(control, *spec):+.3f}"
+            for column, spec in KEY_COLUMNS.items()
+            if np.isfinite(mean(xeno, *spec) - mean(control, *spec))}
+    _check_rows(printed["Xeno-learning minus its controls"], controls,
+                ("configuration", "minus"), "controls")
+
+    across = {}
+    for name in names:
+        networks = sorted((workdir / "scores" / name / "networks").iterdir())
+        assert [n.name for n in networks] == ["outer_0_fold_0", "outer_0_fold_1"]
+        row = {"networks": "2"}
+        for column, (test_set, organs, metric) in KEY_COLUMNS.items():
+            values = np.array([_summary(ScoreTable.load(n / f"{test_set}.npz"), organs,
+                                        metric)[0] for n in networks])
+            if np.isfinite(values).any():
+                row[column] = _interval(np.nanmean(values), np.nanmin(values),
+                                        np.nanmax(values))
+        values = [bootstrap_class_level(ScoreTable.load(n / "physiological.npz")).class_mean
+                  for n in networks]
+        row["class-mean DSC, physiological"] = _interval(np.mean(values), np.min(values),
+                                                         np.max(values))
+        across[name,] = row
+    _check_rows(printed["Across networks"], across, ("configuration",), "across networks")
+
+    differences = {}
+    for name in names[1:]:
+        for test_set in config.test_sets:
+            a, b = tables[name, test_set], tables["baseline_human", test_set]
+            class_mean = (bootstrap_class_level(a).class_mean
+                          - bootstrap_class_level(b).class_mean)
+            kidney = (mean(name, test_set, ("kidney",), "dice")
+                      - mean("baseline_human", test_set, ("kidney",), "dice"))
+            differences[name, test_set] = {"delta class-mean DSC": f"{class_mean:+.3f}",
+                                           "delta DSC of malperfusion labels": f"{kidney:+.3f}"}
+    _check_rows(printed["Transfers and controls minus baseline"], differences,
+                ("configuration", "test set"), "differences")
+
+    full = {(name, test_set): {column: _interval(*_summary(tables[name, test_set], ("kidney",),
+                                                           metric))
+                               for column, metric in FULL_COLUMNS.items()}
+            for name in names for test_set in config.test_sets}
+    _check_rows(printed["Full labels"], full, ("configuration", "test set"), "full labels")
+
+    for test_set in config.test_sets:
+        for metric, title in (("dice", "DSC"), ("nsd", "NSD")):
+            heading = f"Test set `{test_set}` ({title})"
+            if metric not in tables[names[0], test_set].scores:
+                assert heading not in printed
+                continue
+            expected = {}
+            for name in names:
+                scores = bootstrap_class_level(tables[name, test_set], metric)
+                row = {"class mean": _interval(scores.class_mean, scores.class_mean_ci_low,
+                                               scores.class_mean_ci_high)}
+                for k, label in enumerate(scores.labels):
+                    row[SPECIES_12.index_to_name(label)] = _interval(
+                        scores.mean[k], scores.ci_low[k], scores.ci_high[k])
+                expected[name,] = row
+            _check_rows(printed[heading], expected, ("configuration",), heading)
+    checked = {"Key results", "Xeno-learning minus its controls", "Across networks",
+               "Transfers and controls minus baseline", "Full labels"}
+    assert set(printed) - checked == {h for h in printed if h.startswith("Test set")}
 
 
 @SHARES_STUDY
@@ -133,6 +255,103 @@ def test_kidney_everywhere_scores_perfect_polygon_dsc_but_low_full_label_precisi
 
 
 @SHARES_STUDY
+def test_random_maps_keep_each_labels_sizes_of_maps_in_random_directions(study):
+    """The random control's bank: label by label, the learnt bank's ||W - I|| and ||b|| (so
+    their distribution), in directions unrelated to the learnt maps'; it is what a
+    ``projected-random`` run trains with."""
+    config, _, _ = study
+    learned = ProjectionBank.load(banks.bank_path(config.data_dir, config.dataset,
+                                                  "malperfusion", "pig"))
+    control = banks.random_maps(learned)
+    assert (control.label_indices, control.counts) == (learned.label_indices, learned.counts)
+    eye = np.eye(learned.num_channels)
+    for label in learned.label_indices:
+        (w, b), (rw, rb) = learned.pairs(label), control.pairs(label)
+        np.testing.assert_allclose(np.linalg.norm(rw - eye, axis=(1, 2)),
+                                   np.linalg.norm(w - eye, axis=(1, 2)), rtol=1e-4)
+        np.testing.assert_allclose(np.linalg.norm(rb, axis=1), np.linalg.norm(b, axis=1),
+                                   rtol=1e-4)
+        flat, random_flat = (w - eye).reshape(len(w), -1), (rw - eye).reshape(len(w), -1)
+        cosines = np.sum(flat * random_flat, 1) / (np.linalg.norm(flat, axis=1)
+                                                   * np.linalg.norm(random_flat, axis=1))
+        assert np.all(np.abs(cosines) < 0.1), cosines
+        assert not np.allclose(rb, b)
+    run = run_config("projected-random-malperfusion_pig2human,quick,sim_tiny")
+    run.data.data_dir = config.data_dir
+    np.testing.assert_array_equal(banks.ensure_run_bank(run).weights, control.weights)
+    run.augment.maps = "learnt"
+    with pytest.raises(ValueError, match=r"config\.augment\.maps='learnt': expected 'learned'"):
+        banks.ensure_run_bank(run)
+
+
+@SHARES_STUDY
+def test_the_rules_threshold_comes_from_the_source_species_bank_images_only(study):
+    config, _, _ = study
+    rule = study_module.configuration_rule(parse_configuration("rule-malperfusion_pig2human"),
+                                           config.dataset, config.data_dir)
+    catalog = datasets.ensure_catalog(["pig", "human"], config.dataset, config.data_dir, None)
+    healthy, sick = banks.recipe_images(banks.BANK_RECIPES["malperfusion", "pig"], catalog,
+                                        "pig")
+    assert sorted(rule["images"]) == sorted(r.image_name for r in (*healthy, *sick))
+    assert {r.species for r in catalog.select(rule["images"])} == {"pig"}
+    assert rule["true_positive_rate"] - rule["false_positive_rate"] > 0.3, rule
+    # The same for any target; recomputed, the same threshold.
+    assert study_module.configuration_rule(parse_configuration("rule-malperfusion_pig2rat"),
+                                           config.dataset, config.data_dir) == rule
+    assert banks.rule_threshold("malperfusion", "pig", config.dataset,
+                                config.data_dir)["threshold"] == rule["threshold"]
+    # The rule relabels exactly the pixels below the threshold as kidney.
+    images = catalog.filter(species="human", perfusion_state="malperfusion")[:4]
+    _, batch = next(iter(evaluation_batches(catalog, images, 4)))
+    features = batch["features"]
+    background = np.zeros((*features.shape[:3], SPECIES_12.num_classes), np.float32)
+    background[..., 0] = 1
+    relabelled = study_module.with_rule(lambda f: background, rule)(features)
+    below = np.asarray(sto2(features)) < rule["threshold"]
+    assert below.any() and (~below).any()
+    np.testing.assert_array_equal(np.argmax(relabelled, -1),
+                                  np.where(below, report.KIDNEY, 0))
+
+
+@SHARES_STUDY
+def test_no_bank_shares_a_subject_with_a_test_set_it_is_scored_on(study):
+    """For every transfer and control: the subjects of the images its bank (or rule) learns
+    from are in none of the target's test sets, the other species' included; without the
+    held-out subjects they would be (e.g. the pig kidney pigs in the pig malperfusion set)."""
+    config, _, _ = study
+    data_dir, dataset = config.data_dir, config.dataset
+    leaks, unlearnable = [], set()
+    for name in (*PAPER_CONFIGURATIONS, *study_config.CONTROLS):
+        parsed = parse_configuration(name)
+        if not parsed.source:
+            continue
+        catalog = datasets.ensure_catalog([parsed.source], dataset, data_dir, None)
+        recipe = banks.BANK_RECIPES[parsed.pathology, parsed.source]
+        learnt_from = {r.subject for images in banks.recipe_images(recipe, catalog,
+                                                                   parsed.source)
+                       for r in images}
+        try:
+            bank = ProjectionBank.load(banks.ensure_bank(parsed.pathology, parsed.source,
+                                                         dataset, data_dir))
+            pairs = sorted({n for pair in bank.pair_names for n in pair})
+            assert {r.subject for r in catalog.select(pairs)} <= learnt_from
+        except ValueError as e:  # sim_tiny: one image per subject, not always the organ's
+            assert "none of the labels" in str(e)
+            unlearnable.add((parsed.pathology, parsed.source))
+        for test_set in TEST_SETS:
+            for _, _, images in study_module.test_images(
+                    parsed, test_set, dataset=dataset, data_dir=data_dir,
+                    outer_specs={0: "", 1: "", 2: ""}):
+                tested = {r.subject for r in images}
+                assert not learnt_from & tested, (name, test_set, learnt_from & tested)
+        every = catalog.filter(perfusion_state="malperfusion" if parsed.pathology
+                               == "malperfusion" else "icg")
+        leaks.append(bool(learnt_from & {r.subject for r in every}))
+    assert all(leaks)
+    assert unlearnable <= {("malperfusion", "rat")}, unlearnable
+
+
+@SHARES_STUDY
 def test_rerun_reuses_everything(study):
     config, workdir, path = study
     before = {p: p.stat().st_mtime_ns for p in (workdir / "runs").rglob("*") if p.is_file()}
@@ -158,6 +377,8 @@ def test_rerun_with_a_changed_learning_rate_is_refused_unless_told(study, caplog
     changed = study_config.get_config("demo,sim_tiny")
     with changed.unlocked():
         changed.data_dir = config.data_dir
+        changed.configurations = config.configurations
+        changed.network_scores = True
         changed.folds = config.folds
         changed.overrides.train.epochs = 1
         changed.overrides.train.epoch_size = 16
@@ -203,16 +424,57 @@ def test_finished_runs_and_banks_are_where_the_study_says(study):
     assert bank.exists()
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGURATIONS)
-def test_every_paper_configuration_has_a_valid_config(name):
-    config = run_config(f"{name},quick")
+@pytest.mark.parametrize("name", dict.fromkeys(
+    (*PAPER_CONFIGURATIONS, *study_config.get_config("controls_all").configurations)))
+def test_every_configuration_has_a_valid_config(name):
     parsed = parse_configuration(name)
+    if parsed.is_rule:  # no network of its own: the baseline's
+        assert parsed.trained_as == f"baseline_{parsed.target}"
+        with pytest.raises(ValueError, match="trains no network"):
+            run_config(f"{name},quick")
+        return
+    config = run_config(f"{name},quick")
     assert config.data.species == parsed.target
     assert ("projection" in config.augment.steps) == parsed.is_projected
+    assert config.augment.maps == ("random" if parsed.control == "random" else "learned")
     if parsed.is_projected:
         assert (parsed.pathology, parsed.source) in banks.BANK_RECIPES
+        assert (parsed.pathology, parsed.target) in banks.BANK_RECIPES  # its oracle's
     with pytest.raises(AttributeError):
         config.train.bach_size = 4  # locked: misspelt keys are errors
+
+
+def test_configuration_names_and_roles():
+    roles = {"baseline_human": "baseline", "projected-malperfusion_pig2human": "xeno-learning",
+             "projected-random-malperfusion_pig2human": "random maps",
+             "rule-malperfusion_pig2human": "rule",
+             "projected-malperfusion_human2human": "oracle",
+             "projected-random-ICG_rat2pig": "random maps",
+             "joint_pig-p+rat-p2human": "joint"}
+    assert {n: parse_configuration(n).role for n in roles} == roles
+    with pytest.raises(ValueError, match="unknown configuration 'rule-ICG_rat2pig'"):
+        parse_configuration("rule-ICG_rat2pig")  # the rule relabels one organ
+    assert study_config.controls_of("projected-ICG_rat2pig") == (
+        "baseline_pig", "projected-ICG_rat2pig", "projected-random-ICG_rat2pig",
+        "projected-ICG_pig2pig")
+
+
+def test_cross_species_rows_are_each_baselines_relative_change_per_species():
+    def table(subjects, values):
+        n = len(values)
+        return ScoreTable(np.array([f"{s}#{i}" for i, s in enumerate(subjects)]),
+                          np.array(subjects), np.zeros(n, int), {"dice": np.array(values)})
+
+    own = table(["SPACE_1", "SPACE_2"], [0.8, 0.8])
+    other = table(["P1", "P2", "R1"], [0.4, 0.6, 0.2])
+    evaluations = [report.Evaluation("baseline_human", "physiological", own),
+                   report.Evaluation("baseline_human", "cross_species", other),
+                   report.Evaluation("projected-malperfusion_pig2human", "cross_species", other)]
+    species = {"P1": "pig", "P2": "pig", "R1": "rat"}
+    (row,) = report.cross_species_rows(evaluations, species)
+    assert row == {"configuration": "baseline_human", "class-mean DSC, human": "0.800",
+                   "class-mean DSC, pig": "0.500", "relative change, pig": "-0.375",
+                   "class-mean DSC, rat": "0.200", "relative change, rat": "-0.750"}
 
 
 def test_overrides_reach_every_run_and_unset_ones_keep_the_configuration():
@@ -434,7 +696,8 @@ def test_print_runs_commands_run_one_by_one_give_the_same_study(study, tmp_path)
     are the single-process study's."""
     config, workdir, _ = study
     commands_workdir = tmp_path / "commands"
-    flags = [*STUDY_FLAGS, "--config.configurations=('baseline_human',)",
+    flags = [*(f for f in STUDY_FLAGS if not f.startswith("--config.configurations=")),
+             "--config.configurations=('baseline_human',)",
              f"--config.data_dir={config.data_dir}", f"--workdir={commands_workdir}"]
     print_runs = [sys.executable, "-m", "experiments.study", *flags, "--print_runs"]
     printed = subprocess.run(print_runs, cwd=REPOSITORY, capture_output=True, text=True,

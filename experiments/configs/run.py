@@ -34,6 +34,9 @@ def get_config(arg: str = "baseline_human") -> ml_collections.ConfigDict:
         raise ValueError("run config needs a configuration, e.g. run.py:baseline_human,quick")
     quick, dataset, model = parse_options(parts[1:], arg)
     parsed = parse_configuration(parts[0])
+    if parsed.is_rule:
+        raise ValueError(f"{parsed.name} trains no network: it relabels the predictions of "
+                         f"{parsed.trained_as}'s networks; train that configuration")
     config = default_config()
     with config.unlocked():
         config.configuration = parsed.name
@@ -75,6 +78,8 @@ def get_config(arg: str = "baseline_human") -> ml_collections.ConfigDict:
             {"p": 0.8, "num_classes": SPECIES_12.num_classes})
         config.augment.source = parsed.source  # species whose projections are applied
         config.augment.pathology = parsed.pathology  # malperfusion | ICG
+        # "learned": the source's maps; "random": random maps of their sizes (the control).
+        config.augment.maps = "random" if parsed.control == "random" else "learned"
         config.augment.bank = ""  # projection bank file; "" learns/uses the default one
 
         config.evaluate = ml_collections.ConfigDict()

@@ -1,11 +1,15 @@
 """The xeno-learning study (method.md A3 configurations, C3 evaluation).
 
-Arguments: ``full`` (default: the paper's 11 configurations, 3 outer x 5 inner folds) or ``demo``
-(baseline_human and projected-malperfusion_pig2human, one fold, quick CPU settings), then
+Arguments: ``full`` (default: the paper's 11 configurations, 3 outer x 5 inner folds),
+``controls`` (the pig-to-human kidney transfer next to its controls, `CONTROLS`: three networks
+each, one outer fold, quick CPU settings, every network also scored alone), ``controls_all``
+(the same for every transfer of `CONTROLLED_TRANSFERS`, on every test set) or ``demo`` (the
+transfer, the baseline, the random control and the rule, one network each, quick settings), then
 optionally ``,quick``, a dataset config (``sim_small`` default, ``sim_full``, ``tivita``) and a
 network (``unet_efficientnet_b5``, the reference's; default our U-Net)::
 
   python -m experiments.study --config=experiments/configs/study.py:demo --workdir=workdir
+  python -m experiments.study --config=experiments/configs/study.py:controls --workdir=controls
   python -m experiments.study --config=experiments/configs/study.py --workdir=study
   python -m experiments.study --config=experiments/configs/study.py:full,sim_full \
       --workdir=study_full
@@ -37,29 +41,59 @@ from experiments.configs import run
 from xeno_jax.study.configurations import (
     PAPER_CONFIGURATIONS,
     override_placeholders,
+    parse_configuration,
     parse_options,
 )
 from xeno_jax.study.study import TEST_SETS
 
-DEMO_CONFIGURATIONS = ("baseline_human", "projected-malperfusion_pig2human")
+
+def controls_of(transfer: str) -> tuple[str, ...]:
+    """A transfer ``projected-<pathology>_<source>2<target>`` with its controls: the target's
+    baseline, random maps of the learnt maps' sizes, the StO2 rule (malperfusion: one organ)
+    and the oracle (maps learnt in the target)."""
+    parsed = parse_configuration(transfer)
+    pathology, source, target = parsed.pathology, parsed.source, parsed.target
+    return (f"baseline_{target}", transfer, f"projected-random-{pathology}_{source}2{target}",
+            *((f"rule-{pathology}_{source}2{target}",) if pathology == "malperfusion" else ()),
+            f"projected-{pathology}_{target}2{target}")
+
+
+CONTROLS = controls_of("projected-malperfusion_pig2human")
+"""The kidney transfer to human with its controls."""
+CONTROLLED_TRANSFERS = tuple(
+    n for n in PAPER_CONFIGURATIONS
+    if parse_configuration(n).is_projected
+    and parse_configuration(n).source != parse_configuration(n).target)
+"""``controls_all``: every transfer of the paper to another species, each with its controls."""
+DEMO_CONFIGURATIONS = CONTROLS[:4]
+KINDS = ("full", "controls", "controls_all", "demo")
 
 
 def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     parts = [p for p in (arg or "full").split(",") if p]
     kind, options = parts[0], parts[1:]
-    if kind not in ("full", "demo"):
-        raise ValueError(f"study config argument must start with 'full' or 'demo', got {arg!r}")
+    if kind not in KINDS:
+        raise ValueError(f"study config argument must start with one of {KINDS}, got {arg!r}")
     quick, dataset, model = parse_options(options, arg)
     config = ml_collections.ConfigDict()
-    config.configurations = PAPER_CONFIGURATIONS if kind == "full" else DEMO_CONFIGURATIONS
+    config.configurations = {
+        "full": PAPER_CONFIGURATIONS, "controls": CONTROLS, "demo": DEMO_CONFIGURATIONS,
+        "controls_all": tuple(dict.fromkeys(c for t in CONTROLLED_TRANSFERS
+                                            for c in controls_of(t)))}[kind]
     config.outer_folds = (0, 1, 2) if kind == "full" else (0,)
-    config.folds = (0, 1, 2, 3, 4) if kind == "full" else (0,)
-    config.quick = kind == "demo" or quick
+    config.folds = (0, 1, 2, 3, 4) if kind == "full" else (0,) if kind == "demo" else (0, 1, 2)
+    config.quick = kind != "full" or quick
     config.dataset = dataset
     config.model = model  # "" : our U-Net; e.g. "unet_efficientnet_b5": the reference's
     config.data_dir = ""  # TFDS data directory; "" means <workdir>/tfds
-    config.test_sets = TEST_SETS if kind == "full" else ("physiological", "malperfusion")
+    # The dataset of the test sets and of the oracle's maps, e.g. a diverged one
+    # (sim_small-divergence2-from-pig, see data_builders); "": config.dataset.
+    config.test_dataset = ""
+    config.test_sets = (TEST_SETS if kind in ("full", "controls_all")
+                        else ("physiological", "malperfusion"))
     config.evaluate_batch_size = 8
+    # Score every network alone too (the report's intervals across networks).
+    config.network_scores = kind.startswith("controls")
     # The data specs: "" ours, else a folder of the reference's spec files (or one file).
     config.data = ml_collections.ConfigDict({"spec": ""})
     # Values that replace those of every training run (unset: the run's own); every value of

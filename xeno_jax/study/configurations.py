@@ -8,6 +8,16 @@ A configuration is named as the reference names its runs:
   projections;
 - ``joint_pig-p+rat-p2human``: human plus physiological pig and rat images.
 
+Controls of a transfer (issue 11; every one scored on the same test sets as the transfer):
+
+- ``projected-<pathology>_<target>2<target>``: the oracle, maps learnt in the target species
+  itself (possible in simulation only; the bank's subjects are left out of every test set);
+- ``projected-random-<pathology>_<source>2<target>``: random affine maps with the sizes
+  (||W - I||, ||b||) of the source's learnt maps, label by label (does any push that large help?);
+- ``rule-malperfusion_<source>2<target>``: no network of its own: the baseline's networks, with
+  every pixel whose StO2 index lies below a threshold taken from the source species' malperfused
+  images relabelled as the malperfused organ.
+
 The values of a run live in a config file, ``experiments/configs/run.py`` by default: its
 ``get_config("<configuration>[,quick][,<dataset>][,<model>]")`` returns the full config of one
 training run. `run_config` loads it from the file a study config names (``config.run_config``);
@@ -37,7 +47,10 @@ PAPER_CONFIGURATIONS = (
 )
 _PATTERNS = (
     re.compile(r"^baseline_(?P<target>[a-z]+)$"),
-    re.compile(r"^projected-(?P<pathology>malperfusion|ICG)_(?P<source>[a-z]+)2(?P<target>[a-z]+)$"),
+    re.compile(r"^projected(-(?P<control>random))?-(?P<pathology>malperfusion|ICG)_"
+               r"(?P<source>[a-z]+)2(?P<target>[a-z]+)$"),
+    re.compile(r"^(?P<control>rule)-(?P<pathology>malperfusion)_(?P<source>[a-z]+)2"
+               r"(?P<target>[a-z]+)$"),
     re.compile(r"^joint_(?P<extra>[a-z]+-p(\+[a-z]+-p)*)2(?P<target>[a-z]+)$"),
 )
 
@@ -51,10 +64,32 @@ class Configuration:
     source: str = ""
     pathology: str = ""
     extra_species: tuple[str, ...] = ()
+    control: str = ""  # "random" (random maps) or "rule" (StO2 rule on the baseline)
 
     @property
     def is_projected(self) -> bool:
-        return bool(self.source)
+        """Trained with a projection step (xeno-learning, the oracle, the random control)."""
+        return bool(self.source) and self.control != "rule"
+
+    @property
+    def is_rule(self) -> bool:
+        return self.control == "rule"
+
+    @property
+    def trained_as(self) -> str:
+        """The configuration whose networks this one uses (the rule's: the baseline's)."""
+        return f"baseline_{self.target}" if self.is_rule else self.name
+
+    @property
+    def role(self) -> str:
+        """What the configuration is in a controlled comparison."""
+        if self.is_rule:
+            return "rule"
+        if self.control == "random":
+            return "random maps"
+        if self.is_projected:
+            return "oracle" if self.source == self.target else "xeno-learning"
+        return "joint" if self.extra_species else "baseline"
 
 
 def parse_configuration(name: str) -> Configuration:
@@ -65,9 +100,11 @@ def parse_configuration(name: str) -> Configuration:
             groups = match.groupdict()
             extra = tuple(s[:-2] for s in groups["extra"].split("+")) if groups.get("extra") else ()
             return Configuration(name, groups["target"], groups.get("source") or "",
-                                 groups.get("pathology") or "", extra)
+                                 groups.get("pathology") or "", extra,
+                                 groups.get("control") or "")
     raise ValueError(f"unknown configuration {name!r}; expected baseline_<species>, "
-                     f"projected-<malperfusion|ICG>_<source>2<target> or "
+                     f"projected[-random]-<malperfusion|ICG>_<source>2<target>, "
+                     f"rule-malperfusion_<source>2<target> or "
                      f"joint_<species>-p+...2<target>, e.g. {PAPER_CONFIGURATIONS}")
 
 
@@ -85,7 +122,7 @@ def parse_options(options: list[str], arg: str) -> tuple[bool, str, str]:
 # its own keys (dataset, data_dir, data.spec, model): not among the study's overrides.
 PER_RUN_KEYS = ("configuration", "data.data_dir", "data.dataset", "data.species",
                 "data.extra_species", "data.outer_fold", "data.fold", "data.spec", "model.name",
-                "augment.source", "augment.pathology")
+                "augment.source", "augment.pathology", "augment.maps")
 
 
 def config_module(path: str | os.PathLike) -> types.ModuleType:

@@ -37,8 +37,8 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from xeno_jax.study import runs
-from xeno_jax.study.configurations import apply_overrides, run_config
+from xeno_jax.study import banks, runs
+from xeno_jax.study.configurations import apply_overrides, parse_configuration, run_config
 from xeno_jax.study.workdir import claim, is_claimed
 
 LAUNCHERS = ("local", "submitit")
@@ -70,14 +70,19 @@ class RunKey:
 
 
 def study_runs(config: ml_collections.ConfigDict) -> list[RunKey]:
-    """Every training run of the study, in the study's order."""
-    return [RunKey(name, outer, fold) for name in config.configurations
+    """Every training run of the study, in the study's order (a rule's runs are those of the
+    baseline it relabels)."""
+    trained = dict.fromkeys(parse_configuration(n).trained_as for n in config.configurations)
+    return [RunKey(name, outer, fold) for name in trained
             for outer in config.outer_folds for fold in config.folds]
 
 
 def run_configs(config: ml_collections.ConfigDict, configuration: str
                 ) -> list[tuple[int, int, ml_collections.ConfigDict]]:
-    """(outer, fold, run config) of every training run of a configuration in the study."""
+    """(outer, fold, run config) of every training run of a configuration in the study (a
+    rule's: its baseline's; with a ``config.test_dataset``, the oracle's maps are learnt there,
+    once)."""
+    configuration = parse_configuration(configuration).trained_as
     base = run_config(config.run_config, configuration, quick=config.quick,
                       dataset=config.dataset, model=config.get("model", ""))
     base.data.data_dir = str(config.data_dir)
@@ -88,6 +93,11 @@ def run_configs(config: ml_collections.ConfigDict, configuration: str
                          f"outer folds {tuple(config.outer_folds)}: give a folder of the "
                          "reference's spec files (one per species and outer fold)")
     apply_overrides(base, config.overrides)  # unset placeholders keep the run's value
+    parsed = parse_configuration(configuration)
+    if (config.get("test_dataset") and parsed.is_projected and parsed.source == parsed.target
+            and not base.augment.bank):  # the oracle: maps of the images it is tested on
+        base.augment.bank = str(banks.ensure_bank(parsed.pathology, parsed.source,
+                                                  config.test_dataset, config.data_dir))
     return [(outer, fold, runs.train_config_of(base, outer, fold))
             for outer in config.outer_folds for fold in config.folds]
 

@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
+from data_builders import SPECIES
 from xeno_jax import analysis
 from xeno_jax.analysis.report import markdown_table
-from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
+from xeno_jax.evaluate import ScoreTable, bootstrap_class_level, relative_drop
 from xeno_jax.evaluate.perfusion import parameter_curves
 from xeno_jax.io import atomic_write
 from xeno_jax.labels import ICG_LABELS, PATHOLOGY_LABELS, SPECIES_12
@@ -40,6 +41,7 @@ class Evaluation:
     configuration: str
     test_set: str
     table: ScoreTable
+    network: str = ""  # "": the fold ensembles; else one network, "outer_<i>/fold_<k>"
 
 
 def _fmt(mean: float, low: float, high: float) -> str:
@@ -60,27 +62,137 @@ def label_summary(table: ScoreTable, labels: Sequence[int], metric: str = "dice"
             float(np.nanpercentile(samples, 97.5)))
 
 
+def _role(name: str) -> str:
+    return parse_configuration(name).role
+
+
+# The key table's columns: (title, test set, organs, metric).
+KEY_COLUMNS = (
+    ("kidney DSC, physiological", "physiological", ("kidney",), "dice"),
+    ("kidney DSC, malperfused", "malperfusion", ("kidney",), "dice"),
+    ("kidney DSC, malperfused, full labels", "malperfusion", ("kidney",), "full_dice"),
+    ("kidney precision, malperfused, full labels", "malperfusion", ("kidney",),
+     "full_precision"),
+    ("other tissue called kidney, physiological", "physiological", ("kidney",),
+     "full_false_share"),
+    ("ICG-organ DSC, ICG", "icg", ICG_LABELS, "dice"),
+)
+
+
+def _key_value(table: ScoreTable, organs: Sequence[str], metric: str
+               ) -> tuple[float, float, float] | None:
+    if metric not in table.scores or not len(table) or np.isnan(table.scores[metric]).all():
+        return None
+    return label_summary(table, [SPECIES_12.name_to_index(n) for n in organs], metric)
+
+
 def key_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
-    """Per configuration: kidney DSC on physiological and malperfused images, class mean DSC."""
+    """Per configuration (and its role): kidney DSC on physiological and malperfused images
+    (inside the annotations and against the full labels), kidney precision, the share of
+    other tissue called kidney, the class-mean DSC and the ICG organs' DSC, with subject-
+    bootstrap intervals (columns without scores are left out)."""
     rows = []
     for name in dict.fromkeys(e.configuration for e in evaluations):
         tables = {e.test_set: e.table for e in evaluations if e.configuration == name}
-        row = {"configuration": name}
-        if "physiological" in tables:
-            row["kidney DSC, physiological"] = _fmt(*label_summary(tables["physiological"],
-                                                                   [KIDNEY]))
-        if "malperfusion" in tables:
-            row["kidney DSC, malperfused"] = _fmt(*label_summary(tables["malperfusion"],
-                                                                 [KIDNEY]))
+        row = {"configuration": name, "role": _role(name)}
+        for title, test_set, organs, metric in KEY_COLUMNS:
+            value = _key_value(tables[test_set], organs, metric) if test_set in tables else None
+            if value is not None:
+                row[title] = _fmt(*value)
         if "physiological" in tables:
             scores = bootstrap_class_level(tables["physiological"], "dice")
             row["class-mean DSC, physiological"] = _fmt(
                 scores.class_mean, scores.class_mean_ci_low, scores.class_mean_ci_high)
-        if "icg" in tables:
-            icg = [SPECIES_12.name_to_index(n) for n in ICG_LABELS]
-            row["ICG-organ DSC, ICG"] = _fmt(*label_summary(tables["icg"], icg))
         rows.append(row)
-    return rows
+    return _fill(rows)
+
+
+def _fill(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Rows with every column of any row (n/a where a row lacks it), in first-seen order."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k, "n/a") for k in columns} for row in rows]
+
+
+def network_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
+    """The key columns of each configuration over its networks scored alone: mean [min,
+    max] over networks of each network's class-level score."""
+    rows = []
+    for name in dict.fromkeys(e.configuration for e in evaluations if e.network):
+        mine = [e for e in evaluations if e.configuration == name and e.network]
+        networks = list(dict.fromkeys(e.network for e in mine))
+        row = {"configuration": name, "role": _role(name), "networks": str(len(networks))}
+        for title, test_set, organs, metric in (
+                *KEY_COLUMNS, ("class-mean DSC, physiological", "physiological", None, "dice")):
+            values = []
+            for network in networks:
+                table = next((e.table for e in mine
+                              if e.network == network and e.test_set == test_set), None)
+                if table is None:
+                    continue
+                if organs is None:
+                    values.append(bootstrap_class_level(table, metric).class_mean)
+                else:
+                    value = _key_value(table, organs, metric)
+                    if value is not None:
+                        values.append(value[0])
+            values = np.asarray(values, float)
+            if values.size and np.isfinite(values).any():
+                row[title] = _fmt(np.nanmean(values), np.nanmin(values), np.nanmax(values))
+        rows.append(row)
+    return _fill(rows)
+
+
+def control_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
+    """Each xeno-learning transfer minus each control of the same target and pathology in the
+    study (the baseline, random maps, the rule, the oracle), on the key columns."""
+    names = list(dict.fromkeys(e.configuration for e in evaluations))
+    tables = {(e.configuration, e.test_set): e.table for e in evaluations}
+    rows = []
+    for name in names:
+        parsed = parse_configuration(name)
+        if parsed.role != "xeno-learning":
+            continue
+        pathology, source, target = parsed.pathology, parsed.source, parsed.target
+        controls = [f"baseline_{target}",
+                    f"projected-random-{pathology}_{source}2{target}",
+                    f"rule-{pathology}_{source}2{target}",
+                    f"projected-{pathology}_{target}2{target}"]
+        for control in controls:
+            if control not in names:
+                continue
+            row = {"configuration": name, "minus": control, "role": _role(control)}
+            for title, test_set, organs, metric in KEY_COLUMNS:
+                a, b = tables.get((name, test_set)), tables.get((control, test_set))
+                if a is None or b is None:
+                    continue
+                va, vb = _key_value(a, organs, metric), _key_value(b, organs, metric)
+                if va is not None and vb is not None and np.isfinite(va[0] - vb[0]):
+                    row[title] = f"{va[0] - vb[0]:+.3f}"
+            rows.append(row)
+    return _fill(rows)
+
+
+def cross_species_rows(evaluations: Sequence[Evaluation], species_of: dict[str, str]
+                       ) -> list[dict[str, str]]:
+    """The relative class-mean DSC change of each baseline from its own species'
+    (physiological) test images to every other species' images (the paper's cross-species
+    drop, `relative_drop`; negative for a drop). `species_of` maps subjects to species."""
+    tables = {(e.configuration, e.test_set): e.table for e in evaluations}
+    rows = []
+    for name in dict.fromkeys(e.configuration for e in evaluations):
+        parsed = parse_configuration(name)
+        own, other = tables.get((name, "physiological")), tables.get((name, "cross_species"))
+        if parsed.role != "baseline" or own is None or other is None or not len(other):
+            continue
+        own_mean = bootstrap_class_level(own, "dice").class_mean
+        row = {"configuration": name, f"class-mean DSC, {parsed.target}": f"{own_mean:.3f}"}
+        species = np.array([species_of.get(s, "") for s in other.subject])
+        for sp in sorted(set(species) - {""}):
+            mean = bootstrap_class_level(other.select(species == sp), "dice").class_mean
+            row[f"class-mean DSC, {sp}"] = f"{mean:.3f}"
+            row[f"relative change, {sp}"] = f"{float(relative_drop(own_mean, mean)):+.3f}"
+        rows.append(row)
+    return _fill(rows)
 
 
 def class_table(evaluations: Sequence[Evaluation], test_set: str, metric: str) -> str:
@@ -101,13 +213,13 @@ def class_table(evaluations: Sequence[Evaluation], test_set: str, metric: str) -
 
 
 def difference_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
-    """Xeno-learning minus the baseline of the same target species, per test set."""
+    """Each projected configuration minus the baseline of its target species, per test set."""
     by_key = {(e.configuration, e.test_set): e.table for e in evaluations}
     rows = []
     for (name, test_set), table in by_key.items():
         parsed = parse_configuration(name)
         baseline = by_key.get((f"baseline_{parsed.target}", test_set))
-        if not parsed.is_projected or baseline is None:
+        if not parsed.source or baseline is None:
             continue
         targets = [SPECIES_12.name_to_index(n) for n in PATHOLOGY_LABELS.get(
             parsed.pathology, ())]
@@ -299,26 +411,63 @@ def plot_examples(workdir: Path, evaluations: Sequence[Evaluation], path: Path) 
     return True
 
 
+def subject_species(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """Every physiological subject's species, from the catalogs of the study's datasets."""
+    catalog = datasets.ensure_catalog(
+        study_species(config), config.dataset, config.data_dir)
+    return {r.subject: r.species for r in catalog.records}
+
+
+def study_species(config: ml_collections.ConfigDict) -> list[str]:
+    return list(SPECIES) if "cross_species" in config.test_sets else sorted(
+        {parse_configuration(n).target for n in config.configurations})
+
+
 def write_report(config: ml_collections.ConfigDict, workdir: Path,
                  evaluations: Sequence[Evaluation]) -> Path:
-    """Writes ``<workdir>/report.md`` (and ``figures/``); returns its path."""
+    """Writes ``<workdir>/report.md`` (and ``figures/``); returns its path.
+
+    `evaluations` of single networks (``network`` set) make the across-networks table; every
+    other table is of the fold ensembles."""
     figures = workdir / "figures"
     figures.mkdir(exist_ok=True)
+    networks = [e for e in evaluations if e.network]
+    evaluations = [e for e in evaluations if not e.network]
+    trained_as = dict.fromkeys(parse_configuration(n).trained_as for n in config.configurations)
     trained = sum(runs.is_done(runs.runs_root(workdir, name, o, f))
-                  for name in config.configurations for o in config.outer_folds
-                  for f in config.folds)
+                  for name in trained_as for o in config.outer_folds for f in config.folds)
     lines = [
         "# Xeno-learning study report", "",
         f"Dataset `{config.dataset}`; configurations {', '.join(config.configurations)}; "
         f"outer folds {list(config.outer_folds)}, inner folds {list(config.folds)} "
         f"({trained} trained networks{', quick settings' if config.quick else ''}). "
         "Scores are class-level (image, then subject, then class) with 95% subject-bootstrap "
-        "intervals (1000 resamples); DSC and NSD count only valid (annotated) pixels.", "",
+        "intervals (1000 resamples) of each outer fold's ensemble; DSC and NSD count only valid "
+        "(annotated) pixels, full-label scores every pixel of simulated images. Subjects whose "
+        "images a projection bank learns from are in no test set.", "",
         "## Key results", "", markdown_table(key_rows(evaluations)), "",
     ]
+    controls = control_rows(evaluations)
+    if controls:
+        lines += [
+            "## Xeno-learning minus its controls", "",
+            "Differences of the key results' means (xeno-learning minus the control; positive: "
+            "xeno-learning scores higher). Controls: the baseline; random maps of the learnt "
+            "maps' sizes; the rule (the baseline's networks, pixels below the source species' "
+            "StO2 threshold relabelled as the organ); the oracle (maps learnt in the target "
+            "species). For the share of other tissue called kidney, lower is better.", "",
+            markdown_table(controls), ""]
+    across = network_rows(networks)
+    if across:
+        lines += [
+            "## Across networks", "",
+            "Each network of a configuration scored alone: mean [min, max] over the networks "
+            "of their class-level scores (the intervals above resample subjects).", "",
+            markdown_table(across), ""]
     differences = difference_rows(evaluations)
     if differences:
-        lines += ["## Xeno-learning minus baseline", "", markdown_table(differences), ""]
+        lines += ["## Transfers and controls minus baseline", "", markdown_table(differences),
+                  ""]
     full_labels = full_label_rows(evaluations)
     if full_labels:
         lines += [
@@ -328,6 +477,13 @@ def write_report(config: ml_collections.ConfigDict, workdir: Path,
             "everywhere scores DSC 1; against the full labels it has a low precision and calls "
             "most other tissue that organ. Precision is n/a where no pixel was predicted as "
             "the organ.", "", markdown_table(full_labels), ""]
+    drops = cross_species_rows(evaluations, subject_species(config)) if any(
+        e.test_set == "cross_species" for e in evaluations) else []
+    if drops:
+        lines += ["## Cross-species performance", "",
+                  "Each baseline's class-mean DSC on its own species' test images and on every "
+                  "other species' physiological images, and the relative change (other - own) / "
+                  "own.", "", markdown_table(drops), ""]
     for test_set in dict.fromkeys(e.test_set for e in evaluations):
         lines += [f"## Test set `{test_set}`", "", "DSC:", "",
                   class_table(evaluations, test_set, "dice"), ""]

@@ -38,10 +38,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 from data_builders import SPECIES
+from xeno_jax.data import Catalog, Record
 from xeno_jax.evaluate import ScoreTable
 from xeno_jax.io import atomic_write
+from xeno_jax.labels import SPECIES_12
+from xeno_jax.spectra import sto2
 from xeno_jax.study import banks, datasets, evaluation, launch, runs
 from xeno_jax.study.configurations import Configuration, parse_configuration
 from xeno_jax.study.report import Evaluation, write_report
@@ -67,62 +71,161 @@ def species_involved(configurations: Sequence[str], test_sets: Sequence[str]) ->
 
 
 def scores_fingerprint(workdir: Path, configuration: str,
-                       trained: Sequence[tuple[int, int, ml_collections.ConfigDict]]
+                       trained: Sequence[tuple[int, int, ml_collections.ConfigDict]],
+                       rule: dict | None = None, test_dataset: str = ""
                        ) -> fingerprint.Fingerprint:
-    """The fingerprints (from ``done.json``) of the networks that score a configuration, and
-    the version of the score tables."""
+    """The fingerprints (from ``done.json``) of the networks that score a configuration, the
+    rule's threshold if it has one, the test sets' dataset if it is not the networks', and the
+    version of the score tables."""
     values = {"scores_version": SCORES_VERSION}
+    if test_dataset:
+        values["test_dataset"] = test_dataset
+    if rule is not None:
+        values["rule_threshold"] = rule["threshold"]
+    trained_as = parse_configuration(configuration).trained_as
     for outer, fold, _ in trained:
-        done = runs.read_done(runs.runs_root(workdir, configuration, outer, fold))
+        done = runs.read_done(runs.runs_root(workdir, trained_as, outer, fold))
         stored = (done.get("fingerprint") or {}).get("values", {})
         values.update({f"outer_{outer}/fold_{fold}: {k}": v for k, v in stored.items()})
     return fingerprint.Fingerprint(values)
 
 
+def tested_dataset(config: ml_collections.ConfigDict) -> str:
+    """The dataset of the test sets: ``config.test_dataset``, else ``config.dataset``."""
+    return config.get("test_dataset") or config.dataset
+
+
+def configuration_rule(parsed: Configuration, dataset: str, data_dir: str | os.PathLike
+                       ) -> dict | None:
+    """The rule's threshold record (`banks.ensure_rule_threshold`), None if not a rule."""
+    if not parsed.is_rule:
+        return None
+    return banks.ensure_rule_threshold(parsed.pathology, parsed.source, dataset, data_dir)
+
+
 def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str,
                            workdir: Path, *, reuse_stale: bool = False) -> list[Evaluation]:
-    """Scores a configuration on its test sets (cached in ``<workdir>/scores``).
+    """Scores a configuration on its test sets (cached in ``<workdir>/scores``): with each
+    outer fold's ensemble, and with every network alone if ``config.network_scores``.
 
     Raises:
       StaleWorkError: if cached tables were made with other networks (unless `reuse_stale`).
     """
     parsed = parse_configuration(configuration)
     trained = launch.run_configs(config, configuration)
+    rule = configuration_rule(parsed, config.dataset, config.data_dir)
     folder = workdir / "scores" / configuration
-    record = scores_fingerprint(workdir, configuration, trained)
+    record = scores_fingerprint(workdir, configuration, trained, rule,
+                                config.get("test_dataset", ""))
     stored = folder / SCORES_FINGERPRINT
-    if any(folder.glob("*.npz")):
+    if any(folder.glob("**/*.npz")):
         fingerprint.check(record, fingerprint.read_record(stored),
                           what=f"the score tables in {folder}", reuse_stale=reuse_stale)
     else:  # the record describes the networks of every table the folder will hold
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(stored, text=True) as f:
             json.dump(record.to_json(), f)
+    restored = []
+
+    def models():  # restored lazily: nothing to do when every table exists
+        if not restored:
+            restored.extend((outer, fold, run, runs.restore_variables(
+                run, runs.runs_root(workdir, parsed.trained_as, outer, fold)))
+                for outer, fold, run in trained)
+        return restored
+
+    groups = [("", folder, lambda: [(o, r, v) for o, _, r, v in models()])]
+    if config.get("network_scores", False):
+        groups += [(f"outer_{outer}/fold_{fold}",
+                    folder / "networks" / f"outer_{outer}_fold_{fold}",
+                    lambda outer=outer, fold=fold: [(o, r, v) for o, f, r, v in models()
+                                                    if (o, f) == (outer, fold)])
+                   for outer, fold, _ in trained]
     results = []
-    models = None
-    for test_set in config.test_sets:
-        path = folder / f"{test_set}.npz"
-        if path.exists():
-            results.append(Evaluation(configuration, test_set, ScoreTable.load(path)))
-            continue
-        if models is None:  # restore lazily: nothing to do when every table exists
-            models = [(outer, run, runs.restore_variables(
-                run, runs.runs_root(workdir, configuration, outer, fold)))
-                for outer, fold, run in trained]
-        table = score_test_set(parsed, test_set, models, dataset=config.dataset,
-                               data_dir=config.data_dir, batch_size=config.evaluate_batch_size,
-                               examples=folder)
-        if table is None:
-            continue
-        table.save(path)
-        results.append(Evaluation(configuration, test_set, table))
+    for network, where, chosen in groups:
+        for test_set in config.test_sets:
+            path = where / f"{test_set}.npz"
+            if path.exists():
+                results.append(Evaluation(configuration, test_set, ScoreTable.load(path),
+                                          network))
+                continue
+            table = score_test_set(parsed, test_set, chosen(), dataset=tested_dataset(config),
+                                   data_dir=config.data_dir,
+                                   batch_size=config.evaluate_batch_size,
+                                   examples=None if network else folder, rule=rule)
+            if table is None:
+                continue
+            where.mkdir(parents=True, exist_ok=True)
+            table.save(path)
+            results.append(Evaluation(configuration, test_set, table, network))
     return results
+
+
+def with_rule(predict, rule: dict):
+    """`predict` with every pixel whose StO2 index (`xeno_jax.spectra.sto2`) lies below the
+    rule's threshold set to the rule's organ (probability 1)."""
+    organ = np.eye(SPECIES_12.num_classes, dtype=np.float32)[
+        SPECIES_12.name_to_index(rule["organ"])]
+
+    def relabelled(features):
+        probabilities = np.asarray(predict(features))
+        below = np.asarray(sto2(features)) < rule["threshold"]
+        return np.where(below[..., None], organ, probabilities)
+
+    return relabelled
+
+
+def test_images(parsed: Configuration, test_set: str, *, dataset: str,
+                data_dir: str | os.PathLike, outer_specs: dict[int, str] | None = None
+                ) -> list[tuple[int | None, Catalog, list[Record]]]:
+    """The images a configuration is scored on in one test set.
+
+    Subjects a projection bank of their species learns from (`banks.held_out_subjects`) are
+    left out of every test set, whichever configuration is scored.
+
+    Args:
+      parsed: the configuration.
+      test_set: one of `TEST_SETS`.
+      dataset, data_dir: the builder config and TFDS directory.
+      outer_specs: ``{outer fold: data spec}`` (`datasets.ensure_outer_spec`'s `spec`) of the
+        physiological test set's outer folds.
+
+    Returns:
+      ``(outer fold, catalog, images)`` groups: one per outer fold for ``physiological`` (its
+      networks score it), else one with outer fold None (every network scores it); no group if
+      the species has no such images.
+    """
+    def tested(species, splits=None):
+        catalog = datasets.ensure_catalog(species, dataset, data_dir, splits)
+        held_out = set().union(*(banks.held_out_subjects(catalog, s) for s in species))
+        return catalog, lambda images: [r for r in images if r.subject not in held_out]
+
+    if test_set == "physiological":
+        catalog, keep = tested([parsed.target])
+        groups = []
+        for outer, spec in sorted((outer_specs or {0: ""}).items()):
+            spec = datasets.ensure_outer_spec(catalog, parsed.target, outer, data_dir, dataset,
+                                              spec)
+            groups.append((outer, catalog, keep(catalog.select(spec.folds[0].test))))
+        return groups
+    if test_set == "cross_species":
+        others = [s for s in SPECIES if s not in (parsed.target, *parsed.extra_species)]
+        catalog, keep = tested(others)
+        return [(None, catalog,
+                 keep([r for s in others for r in datasets.semantic_images(catalog, s)]))]
+    if test_set in ("malperfusion", "icg"):
+        catalog, keep = tested([parsed.target])
+        images = keep(catalog.filter(perfusion_state=test_set))
+        return [(None, catalog, images)] if images else []
+    raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
 
 
 def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str,
                    data_dir: str | os.PathLike, batch_size: int,
-                   examples: Path | None = None) -> ScoreTable | None:
-    """One test set's scores, or None if the target species has no such images.
+                   examples: Path | None = None, rule: dict | None = None
+                   ) -> ScoreTable | None:
+    """One test set's scores (its images: `test_images`), or None if the target species has
+    no such images.
 
     Args:
       parsed: the configuration whose models are scored.
@@ -131,41 +234,30 @@ def score_test_set(parsed: Configuration, test_set: str, models, *, dataset: str
       dataset, data_dir: the builder config and TFDS directory.
       batch_size: images per evaluation batch.
       examples: folder for ``examples_<test set>.npz`` with a few predictions (None: none).
+      rule: a rule's threshold record (`configuration_rule`): the models' predictions are
+        relabelled by it (`with_rule`).
     """
-    everyone = evaluation.predictor([(run, v) for _, run, v in models])
-
-    def save_examples(catalog, images, predict):
-        if examples is not None:
+    outer_specs = {}
+    for outer, run, _ in models:  # each outer fold's data spec: run.data.spec
+        outer_specs.setdefault(outer, run.data.get("spec", ""))
+    groups = test_images(parsed, test_set, dataset=dataset, data_dir=data_dir,
+                         outer_specs=outer_specs)
+    if not groups:
+        return None
+    # Pathology tables (C1): DSC only, as the reference's perfusion and ICG scripts.
+    metrics = ("dice", "nsd") if test_set in ("physiological", "cross_species") else ("dice",)
+    tables = []
+    for k, (outer, catalog, images) in enumerate(groups):
+        predict = evaluation.predictor([(run, v) for o, run, v in models
+                                        if outer is None or o == outer])
+        if rule is not None:
+            predict = with_rule(predict, rule)
+        tables.append(evaluation.score_images(catalog, images, predict, batch_size,
+                                              metrics=metrics))
+        if examples is not None and k == 0 and test_set != "cross_species":
             evaluation.save_examples(examples / f"examples_{test_set}.npz", catalog, images,
                                      predict)
-
-    if test_set == "physiological":
-        catalog = datasets.ensure_catalog([parsed.target], dataset, data_dir)
-        tables = []
-        for outer in sorted({o for o, _, _ in models}):
-            ensemble = evaluation.predictor([(run, v) for o, run, v in models if o == outer])
-            run = next(run for o, run, _ in models if o == outer)  # its data spec: run.data.spec
-            spec = datasets.ensure_outer_spec(catalog, parsed.target, outer, data_dir, dataset,
-                                              run.data.get("spec", ""))
-            test = catalog.select(spec.folds[0].test)
-            tables.append(evaluation.score_images(catalog, test, ensemble, batch_size))
-            if outer == min(o for o, _, _ in models):
-                save_examples(catalog, test, ensemble)
-        return ScoreTable.concatenate(tables)
-    if test_set == "cross_species":
-        others = [s for s in SPECIES if s not in (parsed.target, *parsed.extra_species)]
-        catalog = datasets.ensure_catalog(others, dataset, data_dir)
-        images = [r for s in others for r in datasets.semantic_images(catalog, s)]
-        return evaluation.score_images(catalog, images, everyone, batch_size)
-    if test_set in ("malperfusion", "icg"):
-        catalog = datasets.ensure_catalog([parsed.target], dataset, data_dir, (test_set,))
-        images = catalog.filter(perfusion_state=test_set)
-        if not images:
-            return None
-        save_examples(catalog, images, everyone)
-        # Pathology tables (C1): DSC only, as the reference's perfusion and ICG scripts.
-        return evaluation.score_images(catalog, images, everyone, batch_size, metrics=("dice",))
-    raise ValueError(f"unknown test set {test_set!r}; known: {TEST_SETS}")
+    return ScoreTable.concatenate(tables)
 
 
 def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -207,8 +299,11 @@ def run_study(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         for name in config.configurations:
             parsed = parse_configuration(name)
             if parsed.is_projected:
-                banks.ensure_bank(parsed.pathology, parsed.source, config.dataset,
+                oracle = parsed.source == parsed.target
+                banks.ensure_bank(parsed.pathology, parsed.source,
+                                  tested_dataset(config) if oracle else config.dataset,
                                   config.data_dir)
+            configuration_rule(parsed, config.dataset, config.data_dir)
         logging.info("stage 3/5: training")
         launch.launch(config, workdir, launcher, reuse_stale=reuse_stale)
     with exclusive(workdir / REPORT_LOCK):  # one process scores; the others then reuse
