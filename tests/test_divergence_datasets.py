@@ -117,7 +117,7 @@ def test_catalog_and_evaluation_batches_read_diverged_datasets(built):
     ("sim_tiny-divergence0.50-from-pig", "(write it '0.5')"),
     ("sim_tiny-divergence1e-3-from-pig", "written as a plain decimal"),
     ("sim_tiny-divergence0.5-from-dog", "unknown source species 'dog'; expected one of "
-                                        "['pig', 'rat']"),
+                                        "['pig', 'rat'"),  # (and species tests register)
     ("sim_tiny-divergence0.5-from-human", "the source species is the dataset's own species"),
     ("sim_tiny-divergence0.5", "expected '<base>-divergence<d>-from-<source>'"),
 ])

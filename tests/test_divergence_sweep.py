@@ -28,6 +28,8 @@ def sweep(tmp_path_factory):
             config.study.data_dir = str(workdir / "tfds")
             config.study.configurations = CONFIGURATIONS
             config.study.folds = (0,)
+            config.study.test_sets = ("malperfusion",)
+            config.study.network_scores = False
             config.study.overrides.train.epochs = 1
             config.study.overrides.train.epoch_size = 16
     return config, workdir, run_sweep(config, workdir)
