@@ -103,6 +103,8 @@ def get_config(arg: str = "full") -> ml_collections.ConfigDict:
     # The file whose get_config("<configuration>[,quick][,<dataset>][,<model>]") gives each
     # run's config (its values, before the overrides): the paper's recipe.
     config.run_config = str(Path(run.__file__).resolve())
+    if kind == "demo":  # three networks in the 15 minutes of a 2-core demo: 750 of 1000 steps
+        config.overrides.train.epoch_size = 600
     # Where the runs train (python -m experiments.study --launcher=local|submitit).
     config.launcher = ml_collections.ConfigDict()
     config.launcher.workers = 1  # local: worker processes at once (1: the study process)
