@@ -35,7 +35,7 @@ from data_builders.species_builder import diverged_config_name
 from xeno_jax import analysis
 from xeno_jax.analysis.report import markdown_table, write_csv
 from xeno_jax.data import Catalog
-from xeno_jax.evaluate import ScoreTable, bootstrap_class_level
+from xeno_jax.evaluate import ScoreTable, class_level
 from xeno_jax.io import atomic_write
 from xeno_jax.labels import PATHOLOGY_LABELS, SPECIES_12
 from xeno_jax.study import datasets
@@ -124,8 +124,8 @@ def transfer_similarity(config: ml_collections.ConfigDict, divergence: float,
 
 
 def organ_score(table: ScoreTable, organ: int, metric: str) -> float:
-    """Class-level mean of one organ (NaN if it has no scores)."""
-    scores = bootstrap_class_level(table, metric)
+    """Class-level mean of one organ (NaN if it has no scores); no bootstrap needed."""
+    scores = class_level(table, metric)
     rows = np.flatnonzero(scores.labels == organ)
     return float(scores.mean[rows[0]]) if rows.size else float("nan")
 
