@@ -106,7 +106,8 @@ def configuration_rule(parsed: Configuration, dataset: str, data_dir: str | os.P
 def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str,
                            workdir: Path, *, reuse_stale: bool = False) -> list[Evaluation]:
     """Scores a configuration on its test sets (cached in ``<workdir>/scores``): with each
-    outer fold's ensemble, and with every network alone if ``config.network_scores``.
+    outer fold's ensemble, and with every network alone if ``config.network_scores`` (not on
+    ``cross_species``).
 
     Raises:
       StaleWorkError: if cached tables were made with other networks (unless `reuse_stale`).
@@ -143,7 +144,8 @@ def evaluate_configuration(config: ml_collections.ConfigDict, configuration: str
                    for outer, fold, _ in trained]
     results = []
     for network, where, chosen in groups:
-        for test_set in config.test_sets:
+        # Single networks only for the across-networks table, which reads no cross_species.
+        for test_set in [t for t in config.test_sets if not network or t != "cross_species"]:
             path = where / f"{test_set}.npz"
             if path.exists():
                 results.append(Evaluation(configuration, test_set, ScoreTable.load(path),
