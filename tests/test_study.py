@@ -472,9 +472,11 @@ def test_cross_species_rows_are_each_baselines_relative_change_per_species():
                    report.Evaluation("projected-malperfusion_pig2human", "cross_species", other)]
     species = {"P1": "pig", "P2": "pig", "R1": "rat"}
     (row,) = report.cross_species_rows(evaluations, species)
-    assert row == {"configuration": "baseline_human", "class-mean DSC, human": "0.800",
-                   "class-mean DSC, pig": "0.500", "relative change, pig": "-0.375",
-                   "class-mean DSC, rat": "0.200", "relative change, rat": "-0.750"}
+    assert list(row.items()) == [
+        ("configuration", "baseline_human"), ("class-mean DSC, human", "0.800"),
+        ("relative change, human", "n/a"), ("class-mean DSC, pig", "0.500"),
+        ("relative change, pig", "-0.375"), ("class-mean DSC, rat", "0.200"),
+        ("relative change, rat", "-0.750")]
 
 
 def test_overrides_reach_every_run_and_unset_ones_keep_the_configuration():

@@ -192,7 +192,11 @@ def cross_species_rows(evaluations: Sequence[Evaluation], species_of: dict[str, 
             row[f"class-mean DSC, {sp}"] = f"{mean:.3f}"
             row[f"relative change, {sp}"] = f"{float(relative_drop(own_mean, mean)):+.3f}"
         rows.append(row)
-    return _fill(rows)
+    # Columns species by species (each row's own species has no relative change).
+    species = sorted({k.split(", ")[1] for row in rows for k in row if ", " in k})
+    order = ["configuration", *(f"{what}, {sp}" for sp in species
+                                for what in ("class-mean DSC", "relative change"))]
+    return [{k: row.get(k, "n/a") for k in order} for row in rows]
 
 
 def class_table(evaluations: Sequence[Evaluation], test_set: str, metric: str) -> str:
