@@ -107,9 +107,10 @@ def key_rows(evaluations: Sequence[Evaluation]) -> list[dict[str, str]]:
     return _fill(rows)
 
 
-def _fill(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Rows with every column of any row (n/a where a row lacks it), in first-seen order."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
+def _fill(rows: list[dict[str, str]], columns: Sequence[str] = ()) -> list[dict[str, str]]:
+    """Rows with `columns` (default: every column of any row, in first-seen order), n/a where
+    a row lacks one."""
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
     return [{k: row.get(k, "n/a") for k in columns} for row in rows]
 
 
@@ -178,7 +179,7 @@ def cross_species_rows(evaluations: Sequence[Evaluation], species_of: dict[str, 
     (physiological) test images to every other species' images (the paper's cross-species
     drop, `relative_drop`; negative for a drop). `species_of` maps subjects to species."""
     tables = {(e.configuration, e.test_set): e.table for e in evaluations}
-    rows = []
+    rows, seen = [], set()
     for name in dict.fromkeys(e.configuration for e in evaluations):
         parsed = parse_configuration(name)
         own, other = tables.get((name, "physiological")), tables.get((name, "cross_species"))
@@ -187,16 +188,15 @@ def cross_species_rows(evaluations: Sequence[Evaluation], species_of: dict[str, 
         own_mean = bootstrap_class_level(own, "dice").class_mean
         row = {"configuration": name, f"class-mean DSC, {parsed.target}": f"{own_mean:.3f}"}
         species = np.array([species_of.get(s, "") for s in other.subject])
+        seen |= {parsed.target, *species} - {""}
         for sp in sorted(set(species) - {""}):
             mean = bootstrap_class_level(other.select(species == sp), "dice").class_mean
             row[f"class-mean DSC, {sp}"] = f"{mean:.3f}"
             row[f"relative change, {sp}"] = f"{float(relative_drop(own_mean, mean)):+.3f}"
         rows.append(row)
     # Columns species by species (each row's own species has no relative change).
-    species = sorted({k.split(", ")[1] for row in rows for k in row if ", " in k})
-    order = ["configuration", *(f"{what}, {sp}" for sp in species
-                                for what in ("class-mean DSC", "relative change"))]
-    return [{k: row.get(k, "n/a") for k in order} for row in rows]
+    return _fill(rows, ["configuration", *(f"{what}, {sp}" for sp in sorted(seen)
+                                           for what in ("class-mean DSC", "relative change"))])
 
 
 def class_table(evaluations: Sequence[Evaluation], test_set: str, metric: str) -> str:
